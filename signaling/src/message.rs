@@ -1,0 +1,874 @@
+//! The native envelope and every message family.
+//!
+//! On the wire a message is one JSON object in a WebSocket text frame:
+//!
+//! ```json
+//! {"type":"execute_command","correlationID":"cmd-1","clientID":"dev-1","payload":{"command":"ls"}}
+//! ```
+//!
+//! [`Envelope`] holds the routing fields and a [`Body`], which is tagged on `type` with its
+//! content in `payload`. Serialising an `Envelope` always writes `payload` (an empty object for
+//! messages without fields) so that every client can rely on it.
+//!
+//! Decoding goes through [`decode`], which parses the envelope once, keeps `payload` as a raw
+//! slice and then parses only the payload type that `type` names. It produces the same values
+//! as serde's derived `Deserialize` (a test checks both on every example) but avoids buffering
+//! the whole object, and lets the relay forward a telemetry payload without re-encoding it
+//! (see [`decode_frame`]).
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::error::ErrorCode;
+
+/// One message with its routing fields.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// `type` and `payload`.
+    #[serde(flatten)]
+    pub body: Body,
+    /// Links a request to its acknowledgement, progress and result. Chosen by the requester.
+    #[serde(
+        rename = "correlationID",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub correlation_id: Option<String>,
+    /// The target of a request (a device or operator id). Absent on messages for the relay itself.
+    #[serde(rename = "clientID", default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The authenticated sender, stamped by the relay on everything it forwards. The relay
+    /// ignores any `from` a client sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+impl Envelope {
+    /// A message without routing fields.
+    pub fn new(body: impl Into<Body>) -> Self {
+        Envelope {
+            body: body.into(),
+            correlation_id: None,
+            client_id: None,
+            from: None,
+        }
+    }
+
+    /// Sets `correlationID`.
+    pub fn with_correlation(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets `clientID` (the target).
+    pub fn to(mut self, target: impl Into<String>) -> Self {
+        self.client_id = Some(target.into());
+        self
+    }
+
+    /// An `error` message answering the request with `correlation_id`.
+    pub fn error(
+        code: ErrorCode,
+        message: impl Into<String>,
+        correlation_id: Option<String>,
+    ) -> Self {
+        Envelope {
+            body: Body::Error(ErrorPayload {
+                code,
+                message: message.into(),
+                retry_after_ms: None,
+            }),
+            correlation_id,
+            client_id: None,
+            from: None,
+        }
+    }
+
+    /// Serialises to JSON text. Serialising these types cannot fail (no maps with non-string
+    /// keys, no failing `Serialize` impls), so this returns a `String` directly.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("envelope serialisation is infallible")
+    }
+}
+
+macro_rules! bodies {
+    ($( $(#[$doc:meta])* $variant:ident = $wire:literal ($payload:ty), )*) => {
+        /// Every native message type. The variant's wire name is its `type`.
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(tag = "type", content = "payload")]
+        #[non_exhaustive]
+        pub enum Body {
+            $( $(#[$doc])* #[serde(rename = $wire)] $variant($payload), )*
+        }
+
+        impl Body {
+            /// The wire name of this message's `type`.
+            pub fn type_name(&self) -> &'static str {
+                match self { $( Body::$variant(_) => $wire, )* }
+            }
+
+            /// Every known wire type, for documentation and metrics labels.
+            pub const TYPES: &'static [&'static str] = &[ $( $wire, )* ];
+
+            /// Parses `payload` as the payload of message type `ty`.
+            pub fn from_parts(ty: &str, payload: &str) -> Result<Body, DecodeErrorKind> {
+                match ty {
+                    $( $wire => serde_json::from_str::<$payload>(payload)
+                        .map(Body::$variant)
+                        .map_err(|e| DecodeErrorKind::InvalidPayload(e.to_string())), )*
+                    _ => Err(DecodeErrorKind::UnknownType(ty.to_owned())),
+                }
+            }
+        }
+
+        $( impl From<$payload> for Body {
+            fn from(p: $payload) -> Body { Body::$variant(p) }
+        } )*
+    };
+}
+
+bodies! {
+    /// Device -> relay: authenticate with the secret issued at onboarding (first message on
+    /// `/ws?clientID=` when no `Authorization` header was sent).
+    Auth = "auth" (Auth),
+    /// Relay -> client: authentication succeeded.
+    AuthOk = "auth_ok" (AuthOk),
+    /// Device -> relay on `/ws`: ask to join a fleet with a handshake key.
+    Register = "register" (Register),
+    /// Relay -> device: the registration waits for an admin's approval.
+    RegistrationPending = "registration_pending" (RegistrationPending),
+    /// Relay -> client: a request failed.
+    Error = "error" (ErrorPayload),
+    /// Either way: application-level liveness check, answered by `pong`.
+    Ping = "ping" (Ping),
+    /// Answer to `ping`, carrying the answerer's clock.
+    Pong = "pong" (Pong),
+    /// Relay -> device: first half of a clock-offset exchange (`t1` = relay send time).
+    TimeSync = "time_sync" (TimeSync),
+    /// Device -> relay: `t1` echoed, `t2` = device receive time, `t3` = device send time.
+    TimeSyncResponse = "time_sync_response" (TimeSyncResponse),
+    /// Device -> relay -> subscribed pilots: one telemetry frame. Pilots receive it with
+    /// `from` and `payload.relay` (the relay's annotations).
+    Telemetry = "telemetry" (Telemetry),
+    /// Relay -> pilot: frames for this connection were dropped because it read too slowly.
+    TelemetryDropped = "telemetry_dropped" (TelemetryDropped),
+    /// Pilot -> relay: start receiving a device's telemetry (with replay of the buffer).
+    Subscribe = "subscribe" (Subscribe),
+    /// Relay -> pilot: the subscription is active.
+    Subscribed = "subscribed" (Subscribed),
+    /// Pilot -> relay: stop receiving a device's telemetry.
+    Unsubscribe = "unsubscribe" (Unsubscribe),
+    /// Relay -> pilot: the subscription has ended.
+    Unsubscribed = "unsubscribed" (Unsubscribed),
+    /// Device <-> pilot through the relay: WebRTC offer/answer/ICE candidates.
+    WebRtc = "webrtc" (WebRtc),
+    /// Operator -> device: run a program.
+    ExecuteCommand = "execute_command" (ExecuteCommand),
+    /// Device -> operator: the output and exit status of `execute_command`.
+    CommandOutput = "command_output" (CommandOutput),
+    /// Operator -> device: replace (merge) configuration and save it to config.yaml.
+    UpdateClientConfig = "update_client_config" (UpdateClientConfig),
+    /// Operator -> device: re-read config.yaml and apply it.
+    ReloadConfig = "reload_config" (Empty),
+    /// Operator -> device: measure link throughput and round trip.
+    SpeedTest = "speed_test" (SpeedTest),
+    /// Device -> operator: the speed test's figures.
+    SpeedTestResult = "speed_test_result" (SpeedTestResult),
+    /// Device -> operator: the outcome of a request that has no result type of its own
+    /// (`update_client_config`, `reload_config`).
+    CommandResult = "command_result" (CommandResult),
+}
+
+/// A payload without fields, serialised as `{}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// `auth` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Auth {
+    /// The device's secret, issued once at approval.
+    #[serde(rename = "clientSecret")]
+    pub client_secret: String,
+}
+
+/// `auth_ok` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthOk {
+    /// The authenticated identity (device id or operator id).
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// `device`, `pilot` or `admin`.
+    pub role: String,
+    /// The organisation the identity belongs to; routing never crosses it.
+    pub org: String,
+    /// Relay wall clock (ms since the Unix epoch) when it sent this.
+    #[serde(rename = "relayTime")]
+    pub relay_time: f64,
+    /// How often the relay pings and runs time sync, so clients can size their own timers.
+    #[serde(rename = "pingIntervalMs")]
+    pub ping_interval_ms: u64,
+}
+
+/// `register` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Register {
+    /// A human name for the device, shown to admins.
+    pub name: String,
+    /// The fleet's handshake key.
+    #[serde(rename = "handshakeKey")]
+    pub handshake_key: String,
+}
+
+/// `registration_pending` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistrationPending {
+    /// Poll `GET /ws/status/<requestID>` with this.
+    #[serde(rename = "requestID")]
+    pub request_id: String,
+}
+
+/// `error` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorPayload {
+    /// Stable machine-readable code.
+    pub code: ErrorCode,
+    /// A sentence for humans.
+    pub message: String,
+    /// For `rate_limited`: when a retry may succeed.
+    #[serde(
+        rename = "retryAfterMs",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retry_after_ms: Option<u64>,
+}
+
+/// `ping` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ping {
+    /// Sender's clock when sent (echoed in `pong`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t: Option<f64>,
+}
+
+/// `pong` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The `t` of the `ping`, echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t: Option<f64>,
+    /// Answerer's wall clock (ms since the Unix epoch) when it answered.
+    #[serde(rename = "relayTime", default, skip_serializing_if = "Option::is_none")]
+    pub relay_time: Option<f64>,
+}
+
+/// `time_sync` payload (relay -> device).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TimeSync {
+    /// Relay clock at send, ms.
+    pub t1: f64,
+}
+
+/// `time_sync_response` payload (device -> relay).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TimeSyncResponse {
+    /// The relay's `t1`, echoed.
+    pub t1: f64,
+    /// Device clock when the `time_sync` arrived, ms.
+    pub t2: f64,
+    /// Device clock when this response was sent, ms.
+    pub t3: f64,
+}
+
+/// `telemetry` payload, as the device sends it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    /// What kind of frame (`sensor_data`, `status`, ...). Defaults to `sensor_data`.
+    #[serde(default = "default_subtype")]
+    pub subtype: String,
+    /// The sequence stream this frame belongs to; defaults to `subtype`. Each stream has its
+    /// own sequence numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// Per-stream counter stamped by the device, +1 per frame.
+    pub sequence: u64,
+    /// Device clock when the data was sampled, ms since the Unix epoch.
+    pub timestamp: f64,
+    /// Device clock when the frame was sent, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_time: Option<f64>,
+    /// Changes whenever the device restarts its counters (e.g. a boot id), so the relay can
+    /// tell a restart from duplicates without guessing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// True when the frame was buffered while the link was down and is sent late.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backfill: bool,
+    /// The sensor values; any JSON.
+    #[serde(default)]
+    pub data: Value,
+    /// Added by the relay on frames it forwards to pilots; a device must not send it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<TelemetryAnnotation>,
+}
+
+fn default_subtype() -> String {
+    "sensor_data".to_owned()
+}
+
+/// What the relay adds to each telemetry frame it forwards (`payload.relay`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryAnnotation {
+    /// Relay wall clock when the frame arrived, ms since the Unix epoch.
+    #[serde(rename = "receivedAt")]
+    pub received_at: f64,
+    /// The stream the sequence was checked on.
+    pub stream: String,
+    /// `ok`, `gap`, `duplicate`, `reordered` or `reset`.
+    pub verdict: String,
+    /// For `gap`: how many frames are missing before this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<u64>,
+    /// Frames missing on this stream so far (gaps not later filled by reordered frames).
+    #[serde(rename = "lostTotal")]
+    pub lost_total: u64,
+    /// Age of the sample when it reached the relay: receive time minus `timestamp` mapped onto
+    /// the relay clock. Absent until the first clock-sync exchange with the device completes.
+    #[serde(rename = "ageMs", default, skip_serializing_if = "Option::is_none")]
+    pub age_ms: Option<f64>,
+    /// Device clock minus relay clock, ms, as currently estimated.
+    #[serde(
+        rename = "clockOffsetMs",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub clock_offset_ms: Option<f64>,
+    /// Bound on the offset's error, ms (half the best round trip plus drift since).
+    #[serde(
+        rename = "clockUncertaintyMs",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub clock_uncertainty_ms: Option<f64>,
+    /// True when this frame comes from the relay's buffer on subscribe, not live.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay: bool,
+}
+
+/// `telemetry_dropped` payload.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryDropped {
+    /// Frames dropped since the previous notice.
+    pub count: u64,
+    /// Frames dropped on this connection since it opened.
+    pub total: u64,
+}
+
+/// `subscribe` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subscribe {
+    /// The device whose telemetry to receive.
+    #[serde(rename = "deviceID")]
+    pub device_id: String,
+    /// Whether to receive the buffered frames first (default true).
+    #[serde(default = "yes")]
+    pub replay: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `subscribed` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subscribed {
+    /// The device subscribed to.
+    #[serde(rename = "deviceID")]
+    pub device_id: String,
+    /// Whether the device is connected right now.
+    pub online: bool,
+    /// How many buffered frames follow, marked `relay.replay = true`.
+    pub replayed: usize,
+}
+
+/// `unsubscribe` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unsubscribe {
+    /// The device to stop receiving.
+    #[serde(rename = "deviceID")]
+    pub device_id: String,
+}
+
+/// `unsubscribed` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unsubscribed {
+    /// The device no longer subscribed to.
+    #[serde(rename = "deviceID")]
+    pub device_id: String,
+}
+
+/// `webrtc` payload. The relay routes it by `clientID` without interpreting SDP or candidates;
+/// fields other than `subtype` and `sessionID` pass through untouched (W3C names: `sdp`,
+/// `candidate`, `sdpMid`, `sdpMLineIndex`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebRtc {
+    /// `offer`, `answer`, `ice_candidate`, `bye`, ...
+    pub subtype: String,
+    /// Identifies one media session between a device and a pilot.
+    #[serde(rename = "sessionID", default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// Everything else, passed through.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+/// `execute_command` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExecuteCommand {
+    /// The program to run.
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Kill it after this long.
+    #[serde(rename = "timeoutMs", default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `command_output` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommandOutput {
+    /// Standard output (possibly capped).
+    #[serde(default)]
+    pub stdout: String,
+    /// Standard error (possibly capped).
+    #[serde(default)]
+    pub stderr: String,
+    /// Exit code; absent when the program was killed or could not start.
+    #[serde(rename = "exitCode", default)]
+    pub exit_code: Option<i32>,
+    /// Wall time the program ran.
+    #[serde(rename = "durationMs", default)]
+    pub duration_ms: u64,
+}
+
+/// `update_client_config` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateClientConfig {
+    /// Keys to set in the device's config.yaml (merged over the current file).
+    pub config: Value,
+}
+
+/// `speed_test` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpeedTest {
+    /// How many bytes to move each way (device default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+/// `speed_test_result` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpeedTestResult {
+    /// Device -> relay throughput.
+    #[serde(
+        rename = "uploadMbps",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub upload_mbps: Option<f64>,
+    /// Relay -> device throughput.
+    #[serde(
+        rename = "downloadMbps",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub download_mbps: Option<f64>,
+    /// Round trip to the relay.
+    #[serde(rename = "rttMs", default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+}
+
+/// `command_result` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandResult {
+    /// Whether the request took effect.
+    pub ok: bool,
+    /// Why not, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Anything the device wants to return.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+/// What went wrong decoding a frame.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeErrorKind {
+    /// Not JSON, or not a JSON object.
+    #[error("the frame is not a valid JSON object: {0}")]
+    MalformedJson(String),
+    /// No `type` field.
+    #[error("the message has no \"type\" field")]
+    MissingType,
+    /// A `type` this protocol does not define.
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    /// The payload does not fit the type.
+    #[error("invalid payload: {0}")]
+    InvalidPayload(String),
+}
+
+impl DecodeErrorKind {
+    /// The protocol error code for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeErrorKind::MalformedJson(_) => ErrorCode::MalformedJson,
+            DecodeErrorKind::MissingType | DecodeErrorKind::UnknownType(_) => {
+                ErrorCode::UnknownType
+            }
+            DecodeErrorKind::InvalidPayload(_) => ErrorCode::InvalidPayload,
+        }
+    }
+}
+
+/// A decoding failure, with the request's correlationID when it could be read, so the error
+/// reply can name the request it answers.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{kind}")]
+pub struct DecodeError {
+    /// What went wrong.
+    pub kind: DecodeErrorKind,
+    /// The `correlationID` of the failed message, if readable.
+    pub correlation_id: Option<String>,
+}
+
+impl DecodeError {
+    /// The protocol error code.
+    pub fn code(&self) -> ErrorCode {
+        self.kind.code()
+    }
+}
+
+/// The routing fields and the raw payload, parsed without touching the payload's contents.
+#[derive(Debug, Deserialize)]
+pub struct RawEnvelope<'a> {
+    /// `type`.
+    #[serde(rename = "type", borrow, default)]
+    pub ty: Option<Cow<'a, str>>,
+    /// `correlationID`.
+    #[serde(rename = "correlationID", default)]
+    pub correlation_id: Option<String>,
+    /// `clientID`.
+    #[serde(rename = "clientID", default)]
+    pub client_id: Option<String>,
+    /// `payload`, unparsed.
+    #[serde(borrow, default)]
+    pub payload: Option<&'a RawValue>,
+}
+
+const EMPTY_OBJECT: &str = "{}";
+
+/// Reads the routing fields of `text`, leaving `payload` unparsed.
+pub fn decode_raw(text: &str) -> Result<RawEnvelope<'_>, DecodeError> {
+    serde_json::from_str::<RawEnvelope<'_>>(text).map_err(|e| DecodeError {
+        kind: DecodeErrorKind::MalformedJson(e.to_string()),
+        correlation_id: None,
+    })
+}
+
+/// Decodes one text frame into an [`Envelope`]. Any `from` in the input is discarded: only the
+/// relay stamps `from`.
+pub fn decode(text: &str) -> Result<Envelope, DecodeError> {
+    let raw = decode_raw(text)?;
+    finish(raw)
+}
+
+fn finish(raw: RawEnvelope<'_>) -> Result<Envelope, DecodeError> {
+    let fail = |kind| DecodeError {
+        kind,
+        correlation_id: raw.correlation_id.clone(),
+    };
+    let ty = raw
+        .ty
+        .as_deref()
+        .ok_or_else(|| fail(DecodeErrorKind::MissingType))?;
+    let payload = raw.payload.map(RawValue::get).unwrap_or(EMPTY_OBJECT);
+    let body = Body::from_parts(ty, payload).map_err(fail)?;
+    Ok(Envelope {
+        body,
+        correlation_id: raw.correlation_id,
+        client_id: raw.client_id,
+        from: None,
+    })
+}
+
+/// The fields of a telemetry payload the relay needs, read without materialising `data`.
+#[derive(Debug, Deserialize)]
+pub struct TelemetryHeader<'a> {
+    /// See [`Telemetry::subtype`].
+    #[serde(borrow, default)]
+    pub subtype: Option<Cow<'a, str>>,
+    /// See [`Telemetry::stream`].
+    #[serde(borrow, default)]
+    pub stream: Option<Cow<'a, str>>,
+    /// See [`Telemetry::sequence`].
+    pub sequence: u64,
+    /// See [`Telemetry::timestamp`].
+    pub timestamp: f64,
+    /// See [`Telemetry::epoch`].
+    #[serde(borrow, default)]
+    pub epoch: Option<Cow<'a, str>>,
+    /// See [`Telemetry::backfill`].
+    #[serde(default)]
+    pub backfill: bool,
+    /// Must be absent: the relay adds it.
+    #[serde(default)]
+    pub relay: Option<serde::de::IgnoredAny>,
+}
+
+impl TelemetryHeader<'_> {
+    /// The sequence stream: `stream`, else `subtype`, else `sensor_data`.
+    pub fn stream_name(&self) -> &str {
+        self.stream
+            .as_deref()
+            .or(self.subtype.as_deref())
+            .unwrap_or("sensor_data")
+    }
+}
+
+/// A decoded frame as the relay's hot path sees it: telemetry keeps its payload as raw JSON so
+/// it can be forwarded without re-encoding; everything else is a full [`Envelope`].
+#[derive(Debug)]
+pub enum Frame<'a> {
+    /// A telemetry frame.
+    Telemetry {
+        /// The parsed header fields.
+        header: TelemetryHeader<'a>,
+        /// The payload exactly as received (a JSON object).
+        payload: &'a RawValue,
+        /// `correlationID`, if any.
+        correlation_id: Option<String>,
+    },
+    /// Any other message.
+    Message(Envelope),
+}
+
+/// Decodes one text frame for the relay (see [`Frame`]).
+pub fn decode_frame(text: &str) -> Result<Frame<'_>, DecodeError> {
+    let raw = decode_raw(text)?;
+    if raw.ty.as_deref() == Some("telemetry") {
+        let fail = |kind| DecodeError {
+            kind,
+            correlation_id: raw.correlation_id.clone(),
+        };
+        let payload = raw.payload.ok_or_else(|| {
+            fail(DecodeErrorKind::InvalidPayload(
+                "telemetry needs a payload".into(),
+            ))
+        })?;
+        let header: TelemetryHeader<'_> = serde_json::from_str(payload.get())
+            .map_err(|e| fail(DecodeErrorKind::InvalidPayload(e.to_string())))?;
+        if header.relay.is_some() {
+            return Err(fail(DecodeErrorKind::InvalidPayload(
+                "\"relay\" is added by the relay and must not be sent".into(),
+            )));
+        }
+        return Ok(Frame::Telemetry {
+            header,
+            payload,
+            correlation_id: raw.correlation_id,
+        });
+    }
+    finish(raw).map(Frame::Message)
+}
+
+/// Builds the frame a pilot receives for one telemetry payload: the device's payload bytes
+/// unchanged, with `relay` appended as the last key, and `from` set. `payload` must be a JSON
+/// object (as [`decode_frame`] guarantees).
+pub fn encode_forwarded_telemetry(
+    from: &str,
+    payload: &RawValue,
+    annotation: &TelemetryAnnotation,
+) -> String {
+    let raw = payload.get().trim_end();
+    let body = raw.strip_suffix('}').unwrap_or(raw).trim_end();
+    let annotation =
+        serde_json::to_string(annotation).expect("annotation serialisation is infallible");
+    let from = serde_json::to_string(from).expect("string serialisation is infallible");
+    let mut out = String::with_capacity(raw.len() + annotation.len() + from.len() + 48);
+    out.push_str("{\"type\":\"telemetry\",\"from\":");
+    out.push_str(&from);
+    out.push_str(",\"payload\":");
+    out.push_str(body);
+    // `{}` has nothing before its closing brace: no separating comma then.
+    if !body.trim_start().eq("{") {
+        out.push(',');
+    }
+    out.push_str("\"relay\":");
+    out.push_str(&annotation);
+    out.push_str("}}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// One example per message type; docs/protocol.md shows the same shapes.
+    pub(crate) fn examples() -> Vec<Value> {
+        vec![
+            json!({"type":"auth","payload":{"clientSecret":"s3cret"}}),
+            json!({"type":"auth_ok","payload":{"clientID":"dev-1","role":"device","org":"default","relayTime":1.7e12,"pingIntervalMs":20000}}),
+            json!({"type":"register","payload":{"name":"Client-1","handshakeKey":"group-default123"}}),
+            json!({"type":"registration_pending","payload":{"requestID":"req-1"}}),
+            json!({"type":"error","correlationID":"c1","payload":{"code":"unknown_target","message":"no such client"}}),
+            json!({"type":"ping","payload":{"t":12.5}}),
+            json!({"type":"pong","payload":{"t":12.5,"relayTime":1.7e12}}),
+            json!({"type":"time_sync","payload":{"t1":1000.0}}),
+            json!({"type":"time_sync_response","payload":{"t1":1000.0,"t2":1500.0,"t3":1501.0}}),
+            json!({"type":"telemetry","payload":{"subtype":"sensor_data","sequence":1234,"timestamp":1625049600000u64,"system_time":1625049600000u64,"data":{"gps":{"latitude":37.7749}}}}),
+            json!({"type":"telemetry_dropped","payload":{"count":3,"total":10}}),
+            json!({"type":"subscribe","correlationID":"s1","payload":{"deviceID":"dev-1"}}),
+            json!({"type":"subscribed","payload":{"deviceID":"dev-1","online":true,"replayed":5}}),
+            json!({"type":"unsubscribe","payload":{"deviceID":"dev-1"}}),
+            json!({"type":"unsubscribed","payload":{"deviceID":"dev-1"}}),
+            json!({"type":"webrtc","clientID":"pilot-1","payload":{"subtype":"offer","sessionID":"s-1","sdp":"v=0"}}),
+            json!({"type":"execute_command","correlationID":"cmd-1","clientID":"dev-1","payload":{"command":"ls","args":["-l","/tmp"]}}),
+            json!({"type":"command_output","correlationID":"cmd-1","payload":{"stdout":"a\n","stderr":"","exitCode":0,"durationMs":3}}),
+            json!({"type":"update_client_config","correlationID":"cfg-1","clientID":"dev-1","payload":{"config":{"logLevel":"debug"}}}),
+            json!({"type":"reload_config","clientID":"dev-1","payload":{}}),
+            json!({"type":"speed_test","clientID":"dev-1","payload":{}}),
+            json!({"type":"speed_test_result","payload":{"uploadMbps":12.5,"downloadMbps":30.0,"rttMs":40.0}}),
+            json!({"type":"command_result","correlationID":"cfg-1","payload":{"ok":true}}),
+        ]
+    }
+
+    #[test]
+    fn every_type_has_an_example_and_fast_decode_matches_serde() {
+        let examples = examples();
+        for ty in Body::TYPES {
+            assert!(
+                examples.iter().any(|e| e["type"] == *ty),
+                "no example for {ty}"
+            );
+        }
+        for ex in examples {
+            let text = ex.to_string();
+            let fast = decode(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let derived: Envelope = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                serde_json::to_value(&fast).unwrap(),
+                serde_json::to_value(&derived).unwrap()
+            );
+            assert_eq!(fast.body.type_name(), ex["type"]);
+        }
+    }
+
+    #[test]
+    fn decode_errors_carry_codes_and_correlation() {
+        let e = decode("{not json").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::MalformedJson);
+        let e = decode("[1,2]").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::MalformedJson);
+        let e = decode(r#"{"payload":{}}"#).unwrap_err();
+        assert_eq!(e.kind, DecodeErrorKind::MissingType);
+        let e = decode(r#"{"type":"warp_drive","correlationID":"x"}"#).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::UnknownType);
+        assert_eq!(e.correlation_id.as_deref(), Some("x"));
+        let e = decode(r#"{"type":"execute_command","correlationID":"y","payload":{"args":[]}}"#)
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidPayload);
+        assert_eq!(e.correlation_id.as_deref(), Some("y"));
+    }
+
+    #[test]
+    fn from_is_never_taken_from_the_client() {
+        let env = decode(r#"{"type":"ping","from":"admin","payload":{}}"#).unwrap();
+        assert_eq!(env.from, None);
+    }
+
+    #[test]
+    fn missing_payload_is_an_empty_object() {
+        let env = decode(r#"{"type":"reload_config"}"#).unwrap();
+        assert!(matches!(env.body, Body::ReloadConfig(_)));
+        assert!(env.to_json().contains("\"payload\":{}"));
+    }
+
+    #[test]
+    fn telemetry_is_forwarded_byte_for_byte_with_annotation() {
+        let text = r#"{"type":"telemetry","payload":{"subtype":"sensor_data","sequence":7,"timestamp":1625049600000,"data":{"v":1.50}}}"#;
+        let Frame::Telemetry {
+            header, payload, ..
+        } = decode_frame(text).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(header.sequence, 7);
+        assert_eq!(header.stream_name(), "sensor_data");
+        let ann = TelemetryAnnotation {
+            received_at: 1.0,
+            stream: "sensor_data".into(),
+            verdict: "ok".into(),
+            missing: None,
+            lost_total: 0,
+            age_ms: Some(3.5),
+            clock_offset_ms: Some(-2.0),
+            clock_uncertainty_ms: Some(0.5),
+            replay: false,
+        };
+        let out = encode_forwarded_telemetry("dev-\"1\"", payload, &ann);
+        assert!(
+            out.contains(r#""timestamp":1625049600000,"data":{"v":1.50},"relay":{"#),
+            "{out}"
+        );
+        let env: Envelope = serde_json::from_str(&out).unwrap();
+        assert_eq!(env.from.as_deref(), Some("dev-\"1\""));
+        let Body::Telemetry(t) = env.body else {
+            panic!()
+        };
+        assert_eq!(t.relay, Some(ann));
+        assert_eq!(t.sequence, 7);
+    }
+
+    #[test]
+    fn telemetry_with_relay_field_or_bad_header_is_rejected() {
+        let e = decode_frame(
+            r#"{"type":"telemetry","payload":{"sequence":1,"timestamp":1,"relay":{}}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidPayload);
+        let e = decode_frame(r#"{"type":"telemetry","payload":{"sequence":-1,"timestamp":1}}"#)
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidPayload);
+        let e = decode_frame(r#"{"type":"telemetry"}"#).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidPayload);
+        let e = decode_frame(r#"{"type":"telemetry","payload":[1]}"#).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidPayload);
+    }
+
+    #[test]
+    fn empty_payload_object_forwards_validly() {
+        // A header needs sequence and timestamp, so build the raw value directly.
+        let raw = RawValue::from_string("{ }".into()).unwrap();
+        let ann = TelemetryAnnotation {
+            received_at: 1.0,
+            stream: "s".into(),
+            verdict: "ok".into(),
+            missing: None,
+            lost_total: 0,
+            age_ms: None,
+            clock_offset_ms: None,
+            clock_uncertainty_ms: None,
+            replay: true,
+        };
+        let out = encode_forwarded_telemetry("d", &raw, &ann);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["payload"]["relay"]["replay"], true);
+    }
+}
