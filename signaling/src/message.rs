@@ -654,8 +654,13 @@ pub enum Frame<'a> {
         /// `correlationID`, if any.
         correlation_id: Option<String>,
     },
-    /// Any other message.
-    Message(Envelope),
+    /// Any other message, with its payload bytes for forwarding unchanged.
+    Message {
+        /// The decoded message.
+        envelope: Envelope,
+        /// The payload as received, if there was one.
+        payload: Option<&'a RawValue>,
+    },
 }
 
 /// Decodes one text frame for the relay (see [`Frame`]).
@@ -684,7 +689,8 @@ pub fn decode_frame(text: &str) -> Result<Frame<'_>, DecodeError> {
             correlation_id: raw.correlation_id,
         });
     }
-    finish(raw).map(Frame::Message)
+    let payload = raw.payload;
+    finish(raw).map(|envelope| Frame::Message { envelope, payload })
 }
 
 /// Builds the frame a pilot receives for one telemetry payload: the device's payload bytes
@@ -715,10 +721,84 @@ pub fn encode_forwarded_telemetry(
     out
 }
 
+/// Turns a frame made by [`encode_forwarded_telemetry`] into its replay form, by adding
+/// `"replay":true` as the last key of the annotation. Works on the encoded text so buffered
+/// frames are stored once, as sent live.
+pub fn mark_replay(live: &str) -> String {
+    let head = live.strip_suffix("}}}").unwrap_or(live);
+    let mut out = String::with_capacity(live.len() + 16);
+    out.push_str(head);
+    out.push_str(",\"replay\":true}}}");
+    out
+}
+
+/// Builds a routed message: the sender's payload bytes unchanged, with the relay's `from`.
+pub fn encode_routed(
+    ty: &str,
+    correlation_id: Option<&str>,
+    client_id: Option<&str>,
+    from: &str,
+    payload: Option<&RawValue>,
+) -> String {
+    let q = |s: &str| serde_json::to_string(s).expect("string serialisation is infallible");
+    let payload = payload.map(RawValue::get).unwrap_or(EMPTY_OBJECT);
+    let mut out = String::with_capacity(payload.len() + 96);
+    out.push_str("{\"type\":");
+    out.push_str(&q(ty));
+    if let Some(c) = correlation_id {
+        out.push_str(",\"correlationID\":");
+        out.push_str(&q(c));
+    }
+    if let Some(c) = client_id {
+        out.push_str(",\"clientID\":");
+        out.push_str(&q(c));
+    }
+    out.push_str(",\"from\":");
+    out.push_str(&q(from));
+    out.push_str(",\"payload\":");
+    out.push_str(payload);
+    out.push('}');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn replay_marking_keeps_the_frame_valid() {
+        let text = r#"{"type":"telemetry","payload":{"sequence":1,"timestamp":2,"data":{}}}"#;
+        let Frame::Telemetry { payload, .. } = decode_frame(text).unwrap() else { panic!() };
+        let ann = TelemetryAnnotation {
+            received_at: 1.0,
+            stream: "s".into(),
+            verdict: "ok".into(),
+            missing: None,
+            lost_total: 0,
+            age_ms: None,
+            clock_offset_ms: None,
+            clock_uncertainty_ms: None,
+            replay: false,
+        };
+        let replay = mark_replay(&encode_forwarded_telemetry("d", payload, &ann));
+        let env: Envelope = serde_json::from_str(&replay).unwrap();
+        let Body::Telemetry(t) = env.body else { panic!() };
+        assert!(t.relay.unwrap().replay);
+    }
+
+    #[test]
+    fn routed_messages_keep_unknown_payload_fields() {
+        let text = r#"{"type":"execute_command","correlationID":"c","clientID":"d","payload":{"command":"ls","extra":[1]}}"#;
+        let raw = decode_raw(text).unwrap();
+        let out = encode_routed("execute_command", Some("c"), Some("d"), "op-\"1", raw.payload);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["payload"]["extra"][0], 1);
+        assert_eq!(v["from"], "op-\"1");
+        assert_eq!(v["clientID"], "d");
+        let env = decode(&out).unwrap();
+        assert!(matches!(env.body, Body::ExecuteCommand(_)));
+    }
 
     /// One example per message type; docs/protocol.md shows the same shapes.
     pub(crate) fn examples() -> Vec<Value> {

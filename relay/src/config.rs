@@ -1,0 +1,114 @@
+//! Relay configuration: one typed struct. Each field's doc names its flag, environment variable
+//! and default; the binary parses them with clap, tests build the struct directly (so no test
+//! ever touches the process environment).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings of a relay process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayConfig {
+    /// Port for HTTP and WebSocket (`--port`, `PORT`, default 8000; 0 picks a free port).
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Address to listen on (`--bind`, `BIND_ADDRESS`, default 0.0.0.0).
+    #[arg(long, env = "BIND_ADDRESS", default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+    /// Directory for the database and other state (`--data-dir`, `TETHER_DATA_DIR`, default `data`).
+    #[arg(long, env = "TETHER_DATA_DIR", default_value = "data", global = true)]
+    pub data_dir: PathBuf,
+    /// SQLite database file (`--db`, `TETHER_DB`, default `<data-dir>/tether.db`).
+    #[arg(long, env = "TETHER_DB", global = true)]
+    pub db: Option<PathBuf>,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive
+    /// (`--log-level`, `LOG_LEVEL`, default info; `DEBUG_MODE=true` means debug).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Seconds between WebSocket pings and clock-sync exchanges with devices
+    /// (`--ping-interval`, `PING_INTERVAL`, default 20).
+    #[arg(long, env = "PING_INTERVAL", default_value_t = 20.0)]
+    pub ping_interval: f64,
+    /// Seconds without any traffic from a peer before its connection is closed
+    /// (`--connection-timeout`, `CONNECTION_TIMEOUT`, default 30).
+    #[arg(long, env = "CONNECTION_TIMEOUT", default_value_t = 30.0)]
+    pub connection_timeout: f64,
+    /// Telemetry frames kept per device and replayed to new subscribers
+    /// (`--telemetry-buffer-size`, `TELEMETRY_BUFFER_SIZE`, default 100).
+    #[arg(long, env = "TELEMETRY_BUFFER_SIZE", default_value_t = 100)]
+    pub telemetry_buffer_size: usize,
+    /// Largest accepted WebSocket message in bytes; larger ones close the connection with 1009
+    /// (`--max-message-size`, `MAX_MESSAGE_SIZE`, default 1048576).
+    #[arg(long, env = "MAX_MESSAGE_SIZE", default_value_t = 1 << 20)]
+    pub max_message_size: usize,
+    /// Seconds a WebSocket ticket stays valid (`--ticket-ttl`, `TICKET_TTL`, default 30).
+    #[arg(long, env = "TICKET_TTL", default_value_t = 30.0)]
+    pub ticket_ttl: f64,
+    /// Seconds a new connection has to authenticate (`--auth-timeout`, `AUTH_TIMEOUT`, default 10).
+    #[arg(long, env = "AUTH_TIMEOUT", default_value_t = 10.0)]
+    pub auth_timeout: f64,
+    /// Telemetry frames queued per connection before the oldest is dropped
+    /// (`--telemetry-queue`, `TELEMETRY_QUEUE`, default 256).
+    #[arg(long, env = "TELEMETRY_QUEUE", default_value_t = 256)]
+    pub telemetry_queue: usize,
+    /// Control messages queued per connection before it is closed as a slow consumer
+    /// (`--control-queue`, `CONTROL_QUEUE`, default 1024).
+    #[arg(long, env = "CONTROL_QUEUE", default_value_t = 1024)]
+    pub control_queue: usize,
+    /// Admin API key to create on first start instead of a random one
+    /// (`--admin-key`, `TETHER_ADMIN_KEY`, default: generate and print once).
+    #[arg(long, env = "TETHER_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            port: 8000,
+            bind: IpAddr::from([0, 0, 0, 0]),
+            data_dir: PathBuf::from("data"),
+            db: None,
+            log_level: "info".into(),
+            ping_interval: 20.0,
+            connection_timeout: 30.0,
+            telemetry_buffer_size: 100,
+            max_message_size: 1 << 20,
+            ticket_ttl: 30.0,
+            auth_timeout: 10.0,
+            telemetry_queue: 256,
+            control_queue: 1024,
+            admin_key: None,
+        }
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(if s.is_finite() && s > 0.0 { s } else { 0.001 })
+}
+
+impl RelayConfig {
+    /// The database path.
+    pub fn db_path(&self) -> PathBuf {
+        self.db.clone().unwrap_or_else(|| self.data_dir.join("tether.db"))
+    }
+
+    /// Ping / clock-sync period.
+    pub fn ping_every(&self) -> Duration {
+        secs(self.ping_interval)
+    }
+
+    /// Idle limit.
+    pub fn idle_timeout(&self) -> Duration {
+        secs(self.connection_timeout)
+    }
+
+    /// Ticket lifetime.
+    pub fn ticket_lifetime(&self) -> Duration {
+        secs(self.ticket_ttl)
+    }
+
+    /// Authentication deadline.
+    pub fn auth_deadline(&self) -> Duration {
+        secs(self.auth_timeout)
+    }
+}

@@ -1,0 +1,363 @@
+//! The hub: who is connected, who subscribes to which device, and delivery between them.
+//!
+//! Connection code talks to the [`Hub`] trait only. [`LocalHub`] is the single-process
+//! implementation; a clustered one (NATS) implements the same trait and keeps the connection
+//! code untouched. The hub only ever sees native messages, already encoded as text: it routes
+//! bytes, it does not parse them.
+//!
+//! Ordering guarantee for telemetry: publishing a frame and subscribing to a device both take
+//! the device's channel lock, so a new subscriber gets every frame exactly once — from the replay
+//! buffer or live, never both, never neither.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use signaling::message::{Subscribed, mark_replay};
+use signaling::Envelope;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::auth::{Identity, Role};
+use crate::outbox::Outbox;
+
+/// Process-unique connection number.
+pub type ConnId = u64;
+
+/// A live, authenticated connection as the hub sees it.
+#[derive(Debug)]
+pub struct Conn {
+    /// Unique per connection (an identity may have several, e.g. browser tabs).
+    pub id: ConnId,
+    /// Who it is.
+    pub identity: Identity,
+    /// Where to put messages for it.
+    pub outbox: Arc<Outbox>,
+}
+
+/// Result of sending to an identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued on this many connections.
+    Delivered(usize),
+    /// The identity has no live connection in that org.
+    NotConnected,
+}
+
+/// Result of a telemetry fan-out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FanOut {
+    /// Subscribers the frame was queued for.
+    pub delivered: usize,
+    /// Older frames dropped from slow subscribers' queues to make room.
+    pub dropped: usize,
+}
+
+/// Live connections by role.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ConnCounts {
+    /// Device agents.
+    pub device: usize,
+    /// Pilots.
+    pub pilot: usize,
+    /// Admins.
+    pub admin: usize,
+}
+
+/// How long the route back from a device's reply to the requester is remembered.
+pub const REPLY_ROUTE_TTL: Duration = Duration::from_secs(600);
+
+/// The routing boundary. All methods are non-blocking.
+pub trait Hub: Send + Sync + std::fmt::Debug {
+    /// Registers a connection. A device has one connection at a time: any older connection of
+    /// the same device is returned so the caller can close it as replaced.
+    fn attach(&self, conn: Arc<Conn>) -> Vec<Arc<Conn>>;
+    /// Removes a connection and its subscriptions.
+    fn detach(&self, conn: &Conn);
+    /// Whether `id` has a live connection.
+    fn is_online(&self, id: &str) -> bool;
+    /// Queues a control message on every connection of `target` in `org`.
+    fn send_to(&self, org: &str, target: &str, text: Utf8Bytes) -> Delivery;
+    /// Queues a control message on one connection, if it is still live.
+    fn send_to_conn(&self, conn: ConnId, text: Utf8Bytes) -> bool;
+    /// Buffers a device's telemetry frame for replay and fans it out to its subscribers.
+    fn publish_telemetry(&self, device: &str, live: Utf8Bytes) -> FanOut;
+    /// Subscribes `conn` to `device`'s telemetry: queues `subscribed` (answering
+    /// `correlation_id`) and then, if `replay`, the buffered frames marked as replay.
+    /// Returns how many frames were replayed.
+    fn subscribe(&self, device: &str, conn: &Arc<Conn>, replay: bool, correlation_id: Option<String>) -> usize;
+    /// Ends a subscription; false if there was none.
+    fn unsubscribe(&self, device: &str, conn: ConnId) -> bool;
+    /// Remembers that `requester` sent request `correlation_id` to `device`, so the device's
+    /// reply (which may not name a target) finds its way back.
+    fn remember_request(&self, device: &str, correlation_id: &str, requester: &Conn, now: Instant);
+    /// Where a device's reply with `correlation_id` should go: the requester's id and connection.
+    fn reply_route(&self, device: &str, correlation_id: &str) -> Option<(String, ConnId)>;
+    /// Live connections by role.
+    fn counts(&self) -> ConnCounts;
+    /// Ids of connected devices.
+    fn online_devices(&self) -> Vec<String>;
+    /// Every live connection (for shutdown).
+    fn connections(&self) -> Vec<Arc<Conn>>;
+    /// Housekeeping: forgets expired reply routes.
+    fn sweep(&self, now: Instant);
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    conns: HashMap<ConnId, Arc<Conn>>,
+    by_identity: HashMap<String, Vec<ConnId>>,
+    subs_by_conn: HashMap<ConnId, HashSet<String>>,
+}
+
+#[derive(Debug, Default)]
+struct Channel {
+    /// The last frames, as sent live.
+    buffer: VecDeque<Utf8Bytes>,
+    subscribers: HashMap<ConnId, Arc<Outbox>>,
+}
+
+/// The in-process hub.
+#[derive(Debug)]
+pub struct LocalHub {
+    registry: RwLock<Registry>,
+    channels: Mutex<HashMap<String, Arc<Mutex<Channel>>>>,
+    replies: Mutex<HashMap<(String, String), (String, ConnId, Instant)>>,
+    buffer_size: usize,
+}
+
+impl LocalHub {
+    /// A hub keeping the last `buffer_size` telemetry frames per device for replay.
+    pub fn new(buffer_size: usize) -> Self {
+        LocalHub {
+            registry: RwLock::new(Registry::default()),
+            channels: Mutex::new(HashMap::new()),
+            replies: Mutex::new(HashMap::new()),
+            buffer_size,
+        }
+    }
+
+    fn channel(&self, device: &str) -> Arc<Mutex<Channel>> {
+        let mut map = self.channels.lock();
+        if let Some(c) = map.get(device) {
+            return c.clone();
+        }
+        let c = Arc::new(Mutex::new(Channel::default()));
+        map.insert(device.to_owned(), c.clone());
+        c
+    }
+}
+
+impl Hub for LocalHub {
+    fn attach(&self, conn: Arc<Conn>) -> Vec<Arc<Conn>> {
+        let mut reg = self.registry.write();
+        let mut replaced = Vec::new();
+        if conn.identity.role == Role::Device {
+            if let Some(old) = reg.by_identity.remove(&conn.identity.id) {
+                for id in old {
+                    if let Some(c) = reg.conns.remove(&id) {
+                        replaced.push(c);
+                    }
+                }
+            }
+        }
+        reg.by_identity.entry(conn.identity.id.clone()).or_default().push(conn.id);
+        reg.conns.insert(conn.id, conn);
+        replaced
+    }
+
+    fn detach(&self, conn: &Conn) {
+        let subs = {
+            let mut reg = self.registry.write();
+            if reg.conns.remove(&conn.id).is_some() {
+                if let Some(list) = reg.by_identity.get_mut(&conn.identity.id) {
+                    list.retain(|c| *c != conn.id);
+                    if list.is_empty() {
+                        reg.by_identity.remove(&conn.identity.id);
+                    }
+                }
+            }
+            reg.subs_by_conn.remove(&conn.id).unwrap_or_default()
+        };
+        for device in subs {
+            self.channel(&device).lock().subscribers.remove(&conn.id);
+        }
+    }
+
+    fn is_online(&self, id: &str) -> bool {
+        self.registry.read().by_identity.contains_key(id)
+    }
+
+    fn send_to(&self, org: &str, target: &str, text: Utf8Bytes) -> Delivery {
+        let reg = self.registry.read();
+        let Some(ids) = reg.by_identity.get(target) else { return Delivery::NotConnected };
+        let mut n = 0;
+        for id in ids {
+            if let Some(c) = reg.conns.get(id).filter(|c| c.identity.org == org) {
+                if c.outbox.push_control(text.clone()).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        if n == 0 { Delivery::NotConnected } else { Delivery::Delivered(n) }
+    }
+
+    fn send_to_conn(&self, conn: ConnId, text: Utf8Bytes) -> bool {
+        let reg = self.registry.read();
+        reg.conns.get(&conn).is_some_and(|c| c.outbox.push_control(text).is_ok())
+    }
+
+    fn publish_telemetry(&self, device: &str, live: Utf8Bytes) -> FanOut {
+        let channel = self.channel(device);
+        let mut ch = channel.lock();
+        if self.buffer_size > 0 {
+            if ch.buffer.len() >= self.buffer_size {
+                ch.buffer.pop_front();
+            }
+            ch.buffer.push_back(live.clone());
+        }
+        let mut out = FanOut::default();
+        for outbox in ch.subscribers.values() {
+            match outbox.push_telemetry(live.clone()) {
+                Ok(dropped) => {
+                    out.delivered += 1;
+                    out.dropped += dropped as usize;
+                }
+                Err(_) => {} // closing; its connection task detaches it
+            }
+        }
+        out
+    }
+
+    fn subscribe(&self, device: &str, conn: &Arc<Conn>, replay: bool, correlation_id: Option<String>) -> usize {
+        self.registry.write().subs_by_conn.entry(conn.id).or_default().insert(device.to_owned());
+        let online = self.is_online(device);
+        let channel = self.channel(device);
+        let mut ch = channel.lock();
+        let replayed = if replay { ch.buffer.len() } else { 0 };
+        let mut answer = Envelope::new(Subscribed { device_id: device.to_owned(), online, replayed });
+        answer.correlation_id = correlation_id;
+        let _ = conn.outbox.push_control(answer.to_json());
+        if replay {
+            for frame in &ch.buffer {
+                let _ = conn.outbox.push_telemetry(Utf8Bytes::from(mark_replay(frame.as_str())));
+            }
+        }
+        ch.subscribers.insert(conn.id, conn.outbox.clone());
+        replayed
+    }
+
+    fn unsubscribe(&self, device: &str, conn: ConnId) -> bool {
+        let had = self.registry.write().subs_by_conn.get_mut(&conn).is_some_and(|s| s.remove(device));
+        self.channel(device).lock().subscribers.remove(&conn);
+        had
+    }
+
+    fn remember_request(&self, device: &str, correlation_id: &str, requester: &Conn, now: Instant) {
+        self.replies.lock().insert(
+            (device.to_owned(), correlation_id.to_owned()),
+            (requester.identity.id.clone(), requester.id, now),
+        );
+    }
+
+    fn reply_route(&self, device: &str, correlation_id: &str) -> Option<(String, ConnId)> {
+        self.replies
+            .lock()
+            .get(&(device.to_owned(), correlation_id.to_owned()))
+            .map(|(who, conn, _)| (who.clone(), *conn))
+    }
+
+    fn counts(&self) -> ConnCounts {
+        let reg = self.registry.read();
+        let mut c = ConnCounts::default();
+        for conn in reg.conns.values() {
+            match conn.identity.role {
+                Role::Device => c.device += 1,
+                Role::Pilot => c.pilot += 1,
+                Role::Admin => c.admin += 1,
+            }
+        }
+        c
+    }
+
+    fn online_devices(&self) -> Vec<String> {
+        let reg = self.registry.read();
+        reg.conns.values().filter(|c| c.identity.role == Role::Device).map(|c| c.identity.id.clone()).collect()
+    }
+
+    fn connections(&self) -> Vec<Arc<Conn>> {
+        self.registry.read().conns.values().cloned().collect()
+    }
+
+    fn sweep(&self, now: Instant) {
+        self.replies.lock().retain(|_, (_, _, at)| now.duration_since(*at) < REPLY_ROUTE_TTL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Next;
+
+    fn conn(id: ConnId, who: &str, org: &str, role: Role) -> Arc<Conn> {
+        Arc::new(Conn {
+            id,
+            identity: Identity { id: who.into(), org: org.into(), role, name: who.into() },
+            outbox: Arc::new(Outbox::new(16, 4)),
+        })
+    }
+
+    fn text(n: &Next) -> &str {
+        match n {
+            Next::Text(t) => t.as_str(),
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn replay_then_live_exactly_once() {
+        let hub = LocalHub::new(2);
+        let dev = conn(1, "d", "o", Role::Device);
+        hub.attach(dev);
+        for i in 0..3 {
+            hub.publish_telemetry("d", Utf8Bytes::from(format!(r#"{{"type":"telemetry","payload":{{"n":{i},"relay":{{"a":1}}}}}}"#)));
+        }
+        let p = conn(2, "p", "o", Role::Pilot);
+        hub.attach(p.clone());
+        assert_eq!(hub.subscribe("d", &p, true, Some("c".into())), 2);
+        hub.publish_telemetry("d", Utf8Bytes::from(r#"{"type":"telemetry","payload":{"n":3,"relay":{"a":1}}}"#.to_owned()));
+        assert!(text(&p.outbox.next().await).contains("\"subscribed\""));
+        let a = p.outbox.next().await;
+        assert!(text(&a).contains("\"n\":1") && text(&a).contains("\"replay\":true"));
+        assert!(text(&p.outbox.next().await).contains("\"n\":2"));
+        let live = p.outbox.next().await;
+        assert!(text(&live).contains("\"n\":3") && !text(&live).contains("replay"));
+    }
+
+    #[test]
+    fn routing_stays_inside_the_org_and_devices_are_replaced() {
+        let hub = LocalHub::new(0);
+        hub.attach(conn(1, "d", "org-a", Role::Device));
+        assert_eq!(hub.send_to("org-b", "d", Utf8Bytes::from_static("x")), Delivery::NotConnected);
+        assert_eq!(hub.send_to("org-a", "d", Utf8Bytes::from_static("x")), Delivery::Delivered(1));
+        let replaced = hub.attach(conn(2, "d", "org-a", Role::Device));
+        assert_eq!(replaced.len(), 1);
+        assert_eq!(hub.counts().device, 1);
+        // Operators may hold several connections.
+        hub.attach(conn(3, "op", "org-a", Role::Pilot));
+        hub.attach(conn(4, "op", "org-a", Role::Pilot));
+        assert_eq!(hub.send_to("org-a", "op", Utf8Bytes::from_static("x")), Delivery::Delivered(2));
+    }
+
+    #[test]
+    fn detach_removes_subscriptions() {
+        let hub = LocalHub::new(4);
+        let p = conn(2, "p", "o", Role::Pilot);
+        hub.attach(p.clone());
+        hub.subscribe("d", &p, false, None);
+        assert_eq!(hub.publish_telemetry("d", Utf8Bytes::from_static("{}")).delivered, 1);
+        hub.detach(&p);
+        assert_eq!(hub.publish_telemetry("d", Utf8Bytes::from_static("{}")).delivered, 0);
+        assert!(!hub.is_online("p"));
+    }
+}

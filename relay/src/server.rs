@@ -1,0 +1,138 @@
+//! Starting and stopping a relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+
+use crate::auth::{self, BOOTSTRAP_KEY_ID, MACHINE_SECRET_COST};
+use crate::hub::LocalHub;
+use crate::store::{OperatorRole, Store, StoreError, q};
+use crate::{Relay, RelayConfig, routes};
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The database could not be opened or initialised.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    /// The port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// What a first start created, to show the operator once.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    /// The organisation created.
+    pub org: String,
+    /// The admin's username.
+    pub username: String,
+    /// The admin API key, when the relay generated it (None if it came from the config).
+    pub generated_key: Option<String>,
+}
+
+/// A started relay.
+#[derive(Debug)]
+pub struct RunningRelay {
+    /// Where it listens (useful with port 0).
+    pub addr: SocketAddr,
+    /// Shared state, for tests and the binary.
+    pub relay: Arc<Relay>,
+    /// Set on first start.
+    pub bootstrap: Option<Bootstrap>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// On an empty store, creates the `default` org and an `admin` operator with an API key
+/// (`admin_key` if given, otherwise a random one returned for printing).
+pub fn bootstrap(store: &Store, admin_key: Option<&str>) -> Result<Option<Bootstrap>, StoreError> {
+    store.call_sync(|c| {
+        if q::operator_count(c)? > 0 {
+            return Ok(None);
+        }
+        let tx = c.transaction()?;
+        let org = match q::find_org(&tx, "default")? {
+            Some(o) => o,
+            None => q::create_org(&tx, "default", "default")?,
+        };
+        let op_id = format!("op-{}", auth::random_hex(6));
+        q::create_operator(&tx, &op_id, &org.id, "admin", OperatorRole::Admin)?;
+        let generated_key = match admin_key {
+            Some(key) => {
+                let (key_id, secret) = auth::parse_api_key(key).unwrap_or((BOOTSTRAP_KEY_ID, key));
+                let hash = bcrypt::hash(secret, MACHINE_SECRET_COST).map_err(|e| StoreError::Task(e.to_string()))?;
+                q::create_api_key(&tx, key_id, &op_id, &hash, Some("bootstrap"))?;
+                None
+            }
+            None => Some(auth::issue_api_key_sync(&tx, &op_id, Some("bootstrap"))?),
+        };
+        tx.commit()?;
+        Ok(Some(Bootstrap { org: org.name, username: "admin".into(), generated_key }))
+    })
+}
+
+/// Opens the store, binds the port and starts serving. Returns once the relay is listening.
+pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
+    let store = Store::open(&config.db_path())?;
+    let bootstrap = bootstrap(&store, config.admin_key.as_deref())?;
+    let addr = SocketAddr::new(config.bind, config.port);
+    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    let hub = Arc::new(LocalHub::new(config.telemetry_buffer_size));
+    let relay = Arc::new(Relay::new(config, store, hub));
+
+    relay.tasks.spawn(housekeeping(relay.clone()));
+    let shutdown = relay.shutdown.clone();
+    let server = warp::serve(routes::routes(relay.clone()))
+        .incoming(listener)
+        .graceful(async move { shutdown.cancelled().await });
+    let server = tokio::spawn(server.run());
+    tracing::info!(%addr, db = %relay.store.path().display(), "relay listening");
+    Ok(RunningRelay { addr, relay, bootstrap, server })
+}
+
+/// Periodic work: expired tickets and reply routes, batched last-seen writes.
+async fn housekeeping(relay: Arc<Relay>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = relay.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        relay.tickets.sweep(now);
+        relay.hub.sweep(now);
+        n += 1;
+        if n % 10 == 0 {
+            relay.flush_presence().await;
+        }
+    }
+}
+
+impl RunningRelay {
+    /// Stops accepting, closes every socket with 1001, waits for connections to end (up to
+    /// `grace`), then writes last-seen times and checkpoints the database.
+    pub async fn shutdown(self, grace: Duration) {
+        let relay = self.relay.clone();
+        relay.shutdown.cancel();
+        let _ = tokio::time::timeout(grace, self.server).await;
+        relay.tasks.close();
+        if tokio::time::timeout(grace, relay.tasks.wait()).await.is_err() {
+            tracing::warn!("some connections did not close within {grace:?}");
+        }
+        relay.flush_presence().await;
+        if let Err(e) = relay.store.flush().await {
+            tracing::error!("final store checkpoint failed: {e}");
+        }
+        tracing::info!("relay stopped");
+    }
+}
