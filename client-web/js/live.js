@@ -199,7 +199,7 @@ export class LiveClient extends EventTarget {
       if (gen !== this._gen) return;
       const code = ev && ev.code ? ev.code : 1006;
       const why = ev && ev.reason ? `: ${ev.reason}` : '';
-      if (this._replacedBy) {
+      if (this._replacedBy || (ev && ev.reason === 'replaced')) {
         this._replacedBy = false;
         this._halt('replaced', 'another session took over this connection');
         return;

@@ -1,1 +1,12 @@
+//! The Tether device agent.
+//!
+//! [`config`] reads `config.yaml`; [`link`] keeps the relay link up (authentication, clock
+//! sync, telemetry, reconnection); [`sim`] is the simulated boat whose telemetry it publishes
+//! in the demo and the tests.
 
+pub mod config;
+pub mod link;
+pub mod sim;
+
+pub use config::Config;
+pub use link::{Agent, AgentError};

@@ -124,15 +124,23 @@ pub struct Hasher {
 
 impl Default for Hasher {
     fn default() -> Self {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-        Hasher { permits: Arc::new(Semaphore::new(n)) }
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        Hasher {
+            permits: Arc::new(Semaphore::new(n)),
+        }
     }
 }
 
 impl Hasher {
     /// bcrypt hash of `secret` at `cost`.
     pub async fn hash(&self, secret: String, cost: u32) -> Result<String, StoreError> {
-        let _permit = self.permits.acquire().await.map_err(|e| StoreError::Task(e.to_string()))?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
         tokio::task::spawn_blocking(move || bcrypt::hash(secret, cost))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
@@ -141,7 +149,9 @@ impl Hasher {
 
     /// Checks `secret` against a bcrypt `hash`. A malformed hash counts as a mismatch.
     pub async fn verify(&self, secret: String, hash: String) -> bool {
-        let Ok(_permit) = self.permits.acquire().await else { return false };
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
         tokio::task::spawn_blocking(move || bcrypt::verify(secret, &hash).unwrap_or(false))
             .await
             .unwrap_or(false)
@@ -149,7 +159,12 @@ impl Hasher {
 }
 
 /// Verifies a device's clientID and secret.
-pub async fn verify_device(store: &Store, hasher: &Hasher, client_id: &str, secret: &str) -> Result<Identity, AuthError> {
+pub async fn verify_device(
+    store: &Store,
+    hasher: &Hasher,
+    client_id: &str,
+    secret: &str,
+) -> Result<Identity, AuthError> {
     let id = client_id.to_owned();
     let row = store.call(move |c| q::device_credentials(c, &id)).await?;
     let Some((device, Some(hash))) = row else {
@@ -160,17 +175,27 @@ pub async fn verify_device(store: &Store, hasher: &Hasher, client_id: &str, secr
     if !hasher.verify(secret.to_owned(), hash).await {
         return Err(AuthError::Invalid);
     }
-    Ok(Identity { id: device.id, org: device.org_id, role: Role::Device, name: device.name })
+    Ok(Identity {
+        id: device.id,
+        org: device.org_id,
+        role: Role::Device,
+        name: device.name,
+    })
 }
 
 /// A bcrypt hash of a random string nobody knows, used to equalise timing for unknown ids.
 fn dummy_hash() -> String {
     static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    H.get_or_init(|| bcrypt::hash(random_hex(16), MACHINE_SECRET_COST).unwrap_or_default()).clone()
+    H.get_or_init(|| bcrypt::hash(random_hex(16), MACHINE_SECRET_COST).unwrap_or_default())
+        .clone()
 }
 
 /// Verifies an operator API key.
-pub async fn verify_api_key(store: &Store, hasher: &Hasher, key: &str) -> Result<Identity, AuthError> {
+pub async fn verify_api_key(
+    store: &Store,
+    hasher: &Hasher,
+    key: &str,
+) -> Result<Identity, AuthError> {
     let (key_id, secret) = match parse_api_key(key) {
         Some((id, secret)) => (id.to_owned(), secret.to_owned()),
         None => (BOOTSTRAP_KEY_ID.to_owned(), key.to_owned()),
@@ -184,22 +209,38 @@ pub async fn verify_api_key(store: &Store, hasher: &Hasher, key: &str) -> Result
         return Err(AuthError::Invalid);
     }
     let op = row.operator;
-    Ok(Identity { id: op.id, org: op.org_id, role: op.role.into(), name: op.username })
+    Ok(Identity {
+        id: op.id,
+        org: op.org_id,
+        role: op.role.into(),
+        name: op.username,
+    })
 }
 
 /// Creates an API key for an operator; returns the key (shown once).
-pub fn issue_api_key_sync(c: &rusqlite::Connection, operator_id: &str, label: Option<&str>) -> Result<String, StoreError> {
+pub fn issue_api_key_sync(
+    c: &rusqlite::Connection,
+    operator_id: &str,
+    label: Option<&str>,
+) -> Result<String, StoreError> {
     let (id, key) = new_api_key();
     let (_, secret) = parse_api_key(&key).expect("generated keys parse");
-    let hash = bcrypt::hash(secret, MACHINE_SECRET_COST).map_err(|e| StoreError::Task(e.to_string()))?;
+    let hash =
+        bcrypt::hash(secret, MACHINE_SECRET_COST).map_err(|e| StoreError::Task(e.to_string()))?;
     q::create_api_key(c, &id, operator_id, &hash, label)?;
     Ok(key)
 }
 
 /// Creates a device credential; returns the secret (shown once).
-pub fn issue_device_sync(c: &rusqlite::Connection, id: &str, org_id: &str, name: &str) -> Result<String, StoreError> {
+pub fn issue_device_sync(
+    c: &rusqlite::Connection,
+    id: &str,
+    org_id: &str,
+    name: &str,
+) -> Result<String, StoreError> {
     let secret = new_device_secret();
-    let hash = bcrypt::hash(&secret, MACHINE_SECRET_COST).map_err(|e| StoreError::Task(e.to_string()))?;
+    let hash =
+        bcrypt::hash(&secret, MACHINE_SECRET_COST).map_err(|e| StoreError::Task(e.to_string()))?;
     q::create_device(c, id, org_id, name, &hash)?;
     Ok(secret)
 }
@@ -216,7 +257,10 @@ pub struct Tickets {
 impl Tickets {
     /// Tickets valid for `ttl`.
     pub fn new(ttl: Duration) -> Self {
-        Tickets { map: Mutex::new(HashMap::new()), ttl }
+        Tickets {
+            map: Mutex::new(HashMap::new()),
+            ttl,
+        }
     }
 
     /// Lifetime of new tickets.
@@ -259,7 +303,12 @@ mod tests {
     use super::*;
 
     fn who() -> Identity {
-        Identity { id: "op-1".into(), org: "o".into(), role: Role::Pilot, name: "ana".into() }
+        Identity {
+            id: "op-1".into(),
+            org: "o".into(),
+            role: Role::Pilot,
+            name: "ana".into(),
+        }
     }
 
     #[test]
@@ -268,7 +317,11 @@ mod tests {
         let now = Instant::now();
         let a = t.issue(who(), now);
         assert_eq!(t.redeem(&a, now + Duration::from_secs(1)), Some(who()));
-        assert_eq!(t.redeem(&a, now + Duration::from_secs(1)), None, "second use refused");
+        assert_eq!(
+            t.redeem(&a, now + Duration::from_secs(1)),
+            None,
+            "second use refused"
+        );
         let b = t.issue(who(), now);
         assert_eq!(t.redeem(&b, now + Duration::from_secs(31)), None, "expired");
         let c = t.issue(who(), now);

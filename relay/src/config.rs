@@ -89,7 +89,9 @@ fn secs(s: f64) -> Duration {
 impl RelayConfig {
     /// The database path.
     pub fn db_path(&self) -> PathBuf {
-        self.db.clone().unwrap_or_else(|| self.data_dir.join("tether.db"))
+        self.db
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("tether.db"))
     }
 
     /// Ping / clock-sync period.

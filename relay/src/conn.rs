@@ -18,18 +18,19 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use signaling::message::{
-    self, AuthOk, Body, Frame, Pong, TelemetryAnnotation, TelemetryDropped, TelemetryHeader, TimeSync, Unsubscribed,
+    self, AuthOk, Body, Frame, Pong, TelemetryAnnotation, TelemetryDropped, TelemetryHeader,
+    TimeSync, Unsubscribed,
 };
 use signaling::{Envelope, ErrorCode};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
+use crate::Relay;
 use crate::auth::{self, Identity, Role};
 use crate::hub::{Conn, Delivery};
 use crate::metrics::type_index;
 use crate::outbox::{Next, Outbox};
 use crate::ws::Socket;
-use crate::Relay;
 
 /// Which endpoint the socket came in on, with the credentials offered in the HTTP request.
 #[derive(Debug, Clone)]
@@ -57,18 +58,36 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Most messages written before one flush.
 const WRITE_BATCH: usize = 64;
 
-fn error_text(relay: &Relay, code: ErrorCode, message: impl Into<String>, correlation_id: Option<String>) -> String {
+fn error_text(
+    relay: &Relay,
+    code: ErrorCode,
+    message: impl Into<String>,
+    correlation_id: Option<String>,
+) -> String {
     relay.metrics.count_error(code);
     relay.metrics.count_out(type_index("error"), 1);
     Envelope::error(code, message, correlation_id).to_json()
 }
 
 /// Runs a connection to completion.
-pub async fn serve(relay: Arc<Relay>, socket: Socket, endpoint: Endpoint, peer: Option<SocketAddr>) {
-    relay.metrics.connections_opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+pub async fn serve(
+    relay: Arc<Relay>,
+    socket: Socket,
+    endpoint: Endpoint,
+    peer: Option<SocketAddr>,
+) {
+    relay
+        .metrics
+        .connections_opened
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (sink, mut stream) = socket.split();
-    let outbox = Arc::new(Outbox::new(relay.config.control_queue, relay.config.telemetry_queue));
-    let writer = relay.tasks.spawn(write_loop(relay.clone(), sink, outbox.clone()));
+    let outbox = Arc::new(Outbox::new(
+        relay.config.control_queue,
+        relay.config.telemetry_queue,
+    ));
+    let writer = relay
+        .tasks
+        .spawn(write_loop(relay.clone(), sink, outbox.clone()));
 
     let identity = tokio::select! {
         r = authenticate(&relay, &mut stream, &outbox, endpoint) => r,
@@ -79,7 +98,11 @@ pub async fn serve(relay: Arc<Relay>, socket: Socket, endpoint: Endpoint, peer: 
     };
     if let Some(identity) = identity {
         tracing::info!(id = %identity.id, role = identity.role.as_str(), org = %identity.org, ?peer, "connected");
-        let conn = Arc::new(Conn { id: relay.next_conn_id(), identity, outbox: outbox.clone() });
+        let conn = Arc::new(Conn {
+            id: relay.next_conn_id(),
+            identity,
+            outbox: outbox.clone(),
+        });
         let mut session = Session::new(relay.clone(), conn.clone());
         session.run(&mut stream).await;
         relay.hub.detach(&conn);
@@ -89,7 +112,21 @@ pub async fn serve(relay: Arc<Relay>, socket: Socket, endpoint: Endpoint, peer: 
         tracing::info!(id = %conn.identity.id, ?peer, reason = %session.end_reason, "disconnected");
     }
     outbox.close(1000, "");
-    if tokio::time::timeout(CLOSE_GRACE, outbox.done()).await.is_err() {
+    // Closing handshake: keep reading (and discarding) until the peer answers our close or the
+    // grace period ends. Dropping a socket with unread data makes the kernel send a reset,
+    // which can destroy the close frame (and the error before it) in the peer's buffer.
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(m)) = stream.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+    if tokio::time::timeout(CLOSE_GRACE, outbox.done())
+        .await
+        .is_err()
+    {
         writer.abort();
     }
 }
@@ -102,7 +139,10 @@ async fn authenticate(
     endpoint: Endpoint,
 ) -> Option<Identity> {
     let fail = |code: ErrorCode, msg: &str, corr: Option<String>| {
-        relay.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        relay
+            .metrics
+            .auth_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = outbox.push_control(error_text(relay, code, msg, corr));
         outbox.close(1008, code.as_str());
         None
@@ -110,25 +150,53 @@ async fn authenticate(
     match endpoint {
         Endpoint::Operator { ticket } => {
             let Some(ticket) = ticket else {
-                return fail(ErrorCode::InvalidTicket, "a ticket is required: POST /api/auth/ws-ticket, then connect to /ws/admin?ticket=<ticket>", None);
+                return fail(
+                    ErrorCode::InvalidTicket,
+                    "a ticket is required: POST /api/auth/ws-ticket, then connect to /ws/admin?ticket=<ticket>",
+                    None,
+                );
             };
             match relay.tickets.redeem(&ticket, Instant::now()) {
                 Some(who) => Some(who),
-                None => fail(ErrorCode::InvalidTicket, "the ticket is unknown, already used or expired; request a new one", None),
+                None => fail(
+                    ErrorCode::InvalidTicket,
+                    "the ticket is unknown, already used or expired; request a new one",
+                    None,
+                ),
             }
         }
-        Endpoint::Device { client_id, bearer: Some(secret) } => {
+        Endpoint::Device {
+            client_id,
+            bearer: Some(secret),
+        } => {
             let Some(id) = client_id else {
-                return fail(ErrorCode::AuthFailed, "the clientID query parameter is required with a bearer secret", None);
+                return fail(
+                    ErrorCode::AuthFailed,
+                    "the clientID query parameter is required with a bearer secret",
+                    None,
+                );
             };
             verify_device(relay, &id, &secret, None).await.or_else(|| {
-                fail(ErrorCode::AuthFailed, "invalid clientID or clientSecret", None)
+                fail(
+                    ErrorCode::AuthFailed,
+                    "invalid clientID or clientSecret",
+                    None,
+                )
             })
         }
-        Endpoint::Device { client_id, bearer: None } => {
+        Endpoint::Device {
+            client_id,
+            bearer: None,
+        } => {
             let first = tokio::time::timeout(relay.config.auth_deadline(), stream.next()).await;
             let text = match first {
-                Err(_) => return fail(ErrorCode::AuthTimeout, "no auth message arrived in time", None),
+                Err(_) => {
+                    return fail(
+                        ErrorCode::AuthTimeout,
+                        "no auth message arrived in time",
+                        None,
+                    );
+                }
                 Ok(None) => return None,
                 Ok(Some(Err(e))) => {
                     if let Some((code, msg, close)) = read_error(&e) {
@@ -139,30 +207,67 @@ async fn authenticate(
                 }
                 Ok(Some(Ok(Message::Text(t)))) => t,
                 Ok(Some(Ok(Message::Binary(_)))) => {
-                    let _ = outbox.push_control(error_text(relay, ErrorCode::BinaryNotSupported, "messages are JSON text frames; authenticate first", None));
+                    let _ = outbox.push_control(error_text(
+                        relay,
+                        ErrorCode::BinaryNotSupported,
+                        "messages are JSON text frames; authenticate first",
+                        None,
+                    ));
                     outbox.close(1003, "binary_not_supported");
                     return None;
                 }
                 Ok(Some(Ok(Message::Close(_)))) => return None,
-                Ok(Some(Ok(_))) => return fail(ErrorCode::NotAuthenticated, "send {\"type\":\"auth\",...} first", None),
+                Ok(Some(Ok(_))) => {
+                    return fail(
+                        ErrorCode::NotAuthenticated,
+                        "send {\"type\":\"auth\",...} first",
+                        None,
+                    );
+                }
             };
             relay.metrics.count_in(type_index("auth"), text.len());
             match message::decode(&text) {
-                Ok(Envelope { body: Body::Auth(a), correlation_id, .. }) => {
+                Ok(Envelope {
+                    body: Body::Auth(a),
+                    correlation_id,
+                    ..
+                }) => {
                     let Some(id) = client_id else {
-                        return fail(ErrorCode::AuthFailed, "connect to /ws?clientID=<your clientID> to authenticate", correlation_id);
+                        return fail(
+                            ErrorCode::AuthFailed,
+                            "connect to /ws?clientID=<your clientID> to authenticate",
+                            correlation_id,
+                        );
                     };
                     let corr = correlation_id.clone();
-                    verify_device(relay, &id, &a.client_secret, correlation_id).await.or_else(|| {
-                        fail(ErrorCode::AuthFailed, "invalid clientID or clientSecret", corr)
-                    })
+                    verify_device(relay, &id, &a.client_secret, correlation_id)
+                        .await
+                        .or_else(|| {
+                            fail(
+                                ErrorCode::AuthFailed,
+                                "invalid clientID or clientSecret",
+                                corr,
+                            )
+                        })
                 }
-                Ok(Envelope { body: Body::Register(_), correlation_id, .. }) => {
+                Ok(Envelope {
+                    body: Body::Register(_),
+                    correlation_id,
+                    ..
+                }) => {
                     // Onboarding with handshake keys lands with the access work; until then no
                     // key is valid, and the device is told so plainly.
-                    fail(ErrorCode::InvalidHandshakeKey, "this relay has no handshake keys configured; ask an admin for a device credential", correlation_id)
+                    fail(
+                        ErrorCode::InvalidHandshakeKey,
+                        "this relay has no handshake keys configured; ask an admin for a device credential",
+                        correlation_id,
+                    )
                 }
-                Ok(env) => fail(ErrorCode::NotAuthenticated, "authenticate first: send {\"type\":\"auth\",\"payload\":{\"clientSecret\":...}}", env.correlation_id),
+                Ok(env) => fail(
+                    ErrorCode::NotAuthenticated,
+                    "authenticate first: send {\"type\":\"auth\",\"payload\":{\"clientSecret\":...}}",
+                    env.correlation_id,
+                ),
                 Err(e) => {
                     let corr = e.correlation_id.clone();
                     fail(e.code(), &e.to_string(), corr)
@@ -172,7 +277,12 @@ async fn authenticate(
     }
 }
 
-async fn verify_device(relay: &Relay, id: &str, secret: &str, _corr: Option<String>) -> Option<Identity> {
+async fn verify_device(
+    relay: &Relay,
+    id: &str,
+    secret: &str,
+    _corr: Option<String>,
+) -> Option<Identity> {
     match auth::verify_device(&relay.store, &relay.hasher, id, secret).await {
         Ok(who) => Some(who),
         Err(auth::AuthError::Invalid) => None,
@@ -186,9 +296,21 @@ async fn verify_device(relay: &Relay, id: &str, secret: &str, _corr: Option<Stri
 /// Maps a read error to what the peer should be told, if the socket is still writable.
 fn read_error(e: &tungstenite::Error) -> Option<(ErrorCode, String, u16)> {
     match e {
-        tungstenite::Error::Capacity(c) => Some((ErrorCode::FrameTooLarge, format!("message too large: {c}"), 1009)),
-        tungstenite::Error::Utf8(_) => Some((ErrorCode::MalformedJson, "text frame is not valid UTF-8".into(), 1007)),
-        tungstenite::Error::Protocol(p) => Some((ErrorCode::MalformedJson, format!("WebSocket protocol error: {p}"), 1002)),
+        tungstenite::Error::Capacity(c) => Some((
+            ErrorCode::FrameTooLarge,
+            format!("message too large: {c}"),
+            1009,
+        )),
+        tungstenite::Error::Utf8(_) => Some((
+            ErrorCode::MalformedJson,
+            "text frame is not valid UTF-8".into(),
+            1007,
+        )),
+        tungstenite::Error::Protocol(p) => Some((
+            ErrorCode::MalformedJson,
+            format!("WebSocket protocol error: {p}"),
+            1002,
+        )),
         _ => None,
     }
 }
@@ -227,7 +349,10 @@ impl Session {
         self.relay.metrics.count_out(type_index(ty), 1);
         if let Err(e) = self.conn.outbox.push_control(text) {
             if e == crate::outbox::PushError::Overflow {
-                self.relay.metrics.slow_consumers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.relay
+                    .metrics
+                    .slow_consumers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(id = %self.conn.identity.id, "closing slow consumer: its outbound queue is full");
             }
         }
@@ -236,14 +361,22 @@ impl Session {
     fn error(&self, code: ErrorCode, message: impl Into<String>, correlation_id: Option<String>) {
         let text = error_text(&self.relay, code, message, correlation_id);
         if let Err(crate::outbox::PushError::Overflow) = self.conn.outbox.push_control(text) {
-            self.relay.metrics.slow_consumers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.relay
+                .metrics
+                .slow_consumers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
     async fn run(&mut self, stream: &mut futures_util::stream::SplitStream<Socket>) {
         let relay = self.relay.clone();
         for old in relay.hub.attach(self.conn.clone()) {
-            let _ = old.outbox.push_control(error_text(&relay, ErrorCode::Replaced, "a newer connection of this device took over", None));
+            let _ = old.outbox.push_control(error_text(
+                &relay,
+                ErrorCode::Replaced,
+                "a newer connection of this device took over",
+                None,
+            ));
             old.outbox.close(4409, "replaced");
         }
         let id = &self.conn.identity;
@@ -260,7 +393,11 @@ impl Session {
         }
         let idle = relay.config.idle_timeout();
         loop {
-            let deadline = if self.is_device() { self.next_sync.min(self.last_rx + idle) } else { self.last_rx + idle };
+            let deadline = if self.is_device() {
+                self.next_sync.min(self.last_rx + idle)
+            } else {
+                self.last_rx + idle
+            };
             tokio::select! {
                 biased;
                 _ = relay.shutdown.cancelled() => {
@@ -313,7 +450,12 @@ impl Session {
         self.sync_pending.push(t1);
         self.push("time_sync", Envelope::new(TimeSync { t1 }).to_json());
         self.syncs_sent += 1;
-        self.next_sync = now + if self.syncs_sent < QUICK_SYNCS { QUICK_SYNC_GAP } else { self.relay.config.ping_every() };
+        self.next_sync = now
+            + if self.syncs_sent < QUICK_SYNCS {
+                QUICK_SYNC_GAP
+            } else {
+                self.relay.config.ping_every()
+            };
     }
 
     /// Handles one frame; false ends the connection.
@@ -325,7 +467,11 @@ impl Session {
             }
             Message::Binary(_) => {
                 self.relay.metrics.count_in(type_index("other"), 0);
-                self.error(ErrorCode::BinaryNotSupported, "binary frames are not accepted; send JSON in text frames", None);
+                self.error(
+                    ErrorCode::BinaryNotSupported,
+                    "binary frames are not accepted; send JSON in text frames",
+                    None,
+                );
                 true
             }
             Message::Close(_) => {
@@ -348,10 +494,20 @@ impl Session {
             }
         };
         match frame {
-            Frame::Telemetry { header, payload, correlation_id } => {
-                self.relay.metrics.count_in(type_index("telemetry"), text.len());
+            Frame::Telemetry {
+                header,
+                payload,
+                correlation_id,
+            } => {
+                self.relay
+                    .metrics
+                    .count_in(type_index("telemetry"), text.len());
                 if !self.is_device() {
-                    self.error(ErrorCode::NotAllowed, "only devices publish telemetry", correlation_id);
+                    self.error(
+                        ErrorCode::NotAllowed,
+                        "only devices publish telemetry",
+                        correlation_id,
+                    );
                     return;
                 }
                 self.on_telemetry(&header, payload);
@@ -372,7 +528,12 @@ impl Session {
         let (verdict, counters, estimate) = {
             let state = relay.device_telemetry(device);
             let mut st = state.lock();
-            let (v, c) = st.sequences.observe_ref(stream, header.sequence, header.epoch.as_deref(), header.backfill);
+            let (v, c) = st.sequences.observe_ref(
+                stream,
+                header.sequence,
+                header.epoch.as_deref(),
+                header.backfill,
+            );
             (v, c, st.clock.estimate(now))
         };
         use std::sync::atomic::Ordering::Relaxed;
@@ -406,7 +567,8 @@ impl Session {
         };
         let text = message::encode_forwarded_telemetry(device, payload, &annotation);
         let fan = relay.hub.publish_telemetry(device, Utf8Bytes::from(text));
-        m.telemetry_delivered.fetch_add(fan.delivered as u64, Relaxed);
+        m.telemetry_delivered
+            .fetch_add(fan.delivered as u64, Relaxed);
         m.telemetry_dropped.fetch_add(fan.dropped as u64, Relaxed);
         m.count_out(type_index("telemetry"), fan.delivered as u64);
     }
@@ -416,7 +578,10 @@ impl Session {
         let role = self.conn.identity.role;
         match env.body {
             Body::Ping(p) => {
-                let pong = Pong { t: p.t, relay_time: Some(self.relay.clock.now_ms()) };
+                let pong = Pong {
+                    t: p.t,
+                    relay_time: Some(self.relay.clock.now_ms()),
+                };
                 let mut e = Envelope::new(pong);
                 e.correlation_id = corr;
                 self.push("pong", e.to_json());
@@ -424,8 +589,18 @@ impl Session {
             Body::Pong(_) => {}
             Body::TimeSyncResponse(r) if role == Role::Device => {
                 let t4 = self.relay.clock.now_ms();
-                let Some(i) = self.sync_pending.iter().position(|t| *t == r.t1) else {
-                    self.error(ErrorCode::InvalidPayload, "t1 does not match a time_sync this relay sent", corr);
+                // Match within a microsecond: clients' float printing and parsing need not be
+                // exactly round-trip.
+                let Some(i) = self
+                    .sync_pending
+                    .iter()
+                    .position(|t| (*t - r.t1).abs() < 1e-3)
+                else {
+                    self.error(
+                        ErrorCode::InvalidPayload,
+                        "t1 does not match a time_sync this relay sent",
+                        corr,
+                    );
                     return;
                 };
                 self.sync_pending.remove(i);
@@ -439,35 +614,55 @@ impl Session {
                 if !self.same_org(&s.device_id, corr.clone()).await {
                     return;
                 }
-                self.relay.hub.subscribe(&s.device_id, &self.conn, s.replay, corr);
+                self.relay
+                    .hub
+                    .subscribe(&s.device_id, &self.conn, s.replay, corr);
                 self.relay.metrics.count_out(type_index("subscribed"), 1);
             }
             Body::Unsubscribe(u) if role.is_operator() => {
                 self.relay.hub.unsubscribe(&u.device_id, self.conn.id);
-                let mut e = Envelope::new(Unsubscribed { device_id: u.device_id });
+                let mut e = Envelope::new(Unsubscribed {
+                    device_id: u.device_id,
+                });
                 e.correlation_id = corr;
                 self.push("unsubscribed", e.to_json());
             }
-            Body::ExecuteCommand(_) | Body::UpdateClientConfig(_) | Body::ReloadConfig(_) | Body::SpeedTest(_)
+            Body::ExecuteCommand(_)
+            | Body::UpdateClientConfig(_)
+            | Body::ReloadConfig(_)
+            | Body::SpeedTest(_)
                 if role.is_operator() =>
             {
-                self.route_request(env.body.type_name(), corr, env.client_id, payload).await;
+                self.route_request(env.body.type_name(), corr, env.client_id, payload)
+                    .await;
             }
             Body::WebRtc(_) => {
                 if role.is_operator() {
-                    self.route_request("webrtc", corr, env.client_id, payload).await;
+                    self.route_request("webrtc", corr, env.client_id, payload)
+                        .await;
                 } else {
-                    self.route_reply("webrtc", corr, env.client_id, payload).await;
+                    self.route_reply("webrtc", corr, env.client_id, payload)
+                        .await;
                 }
             }
-            Body::CommandOutput(_) | Body::CommandResult(_) | Body::SpeedTestResult(_) if role == Role::Device => {
-                self.route_reply(env.body.type_name(), corr, env.client_id, payload).await;
+            Body::CommandOutput(_) | Body::CommandResult(_) | Body::SpeedTestResult(_)
+                if role == Role::Device =>
+            {
+                self.route_reply(env.body.type_name(), corr, env.client_id, payload)
+                    .await;
             }
             other => {
-                let who = if role == Role::Device { "a device" } else { "an operator" };
+                let who = if role == Role::Device {
+                    "a device"
+                } else {
+                    "an operator"
+                };
                 self.error(
                     ErrorCode::NotAllowed,
-                    format!("{who} cannot send {:?} messages on this endpoint", other.type_name()),
+                    format!(
+                        "{who} cannot send {:?} messages on this endpoint",
+                        other.type_name()
+                    ),
                     corr,
                 );
             }
@@ -479,35 +674,63 @@ impl Session {
         match self.relay.org_of(target).await {
             Ok(Some(org)) if org == self.conn.identity.org => true,
             Ok(_) => {
-                self.error(ErrorCode::UnknownTarget, format!("no device or operator {target:?} in your organisation"), corr);
+                self.error(
+                    ErrorCode::UnknownTarget,
+                    format!("no device or operator {target:?} in your organisation"),
+                    corr,
+                );
                 false
             }
             Err(e) => {
                 tracing::error!("directory lookup failed: {e}");
-                self.error(ErrorCode::Internal, "the relay could not look up the target; try again", corr);
+                self.error(
+                    ErrorCode::Internal,
+                    "the relay could not look up the target; try again",
+                    corr,
+                );
                 false
             }
         }
     }
 
     /// Operator -> device (or peer) request: forward with `from`, remember the route back.
-    async fn route_request(&self, ty: &str, corr: Option<String>, target: Option<String>, payload: Option<&RawValue>) {
+    async fn route_request(
+        &self,
+        ty: &str,
+        corr: Option<String>,
+        target: Option<String>,
+        payload: Option<&RawValue>,
+    ) {
         let Some(target) = target else {
-            self.error(ErrorCode::InvalidPayload, format!("{ty} needs clientID: the device it is for"), corr);
+            self.error(
+                ErrorCode::InvalidPayload,
+                format!("{ty} needs clientID: the device it is for"),
+                corr,
+            );
             return;
         };
         let me = &self.conn.identity;
         let text = message::encode_routed(ty, corr.as_deref(), Some(&target), &me.id, payload);
-        match self.relay.hub.send_to(&me.org, &target, Utf8Bytes::from(text)) {
+        match self
+            .relay
+            .hub
+            .send_to(&me.org, &target, Utf8Bytes::from(text))
+        {
             Delivery::Delivered(n) => {
                 self.relay.metrics.count_out(type_index(ty), n as u64);
                 if let Some(c) = &corr {
-                    self.relay.hub.remember_request(&target, c, &self.conn, Instant::now());
+                    self.relay
+                        .hub
+                        .remember_request(&target, c, &self.conn, Instant::now());
                 }
             }
             Delivery::NotConnected => {
                 if self.same_org(&target, corr.clone()).await {
-                    self.error(ErrorCode::TargetOffline, format!("{target} is not connected"), corr);
+                    self.error(
+                        ErrorCode::TargetOffline,
+                        format!("{target} is not connected"),
+                        corr,
+                    );
                 }
             }
         }
@@ -515,9 +738,17 @@ impl Session {
 
     /// Device -> operator reply: to the named `clientID`, else back to whoever sent the
     /// request with this correlationID.
-    async fn route_reply(&self, ty: &str, corr: Option<String>, target: Option<String>, payload: Option<&RawValue>) {
+    async fn route_reply(
+        &self,
+        ty: &str,
+        corr: Option<String>,
+        target: Option<String>,
+        payload: Option<&RawValue>,
+    ) {
         let me = &self.conn.identity;
-        let route = corr.as_deref().and_then(|c| self.relay.hub.reply_route(&me.id, c));
+        let route = corr
+            .as_deref()
+            .and_then(|c| self.relay.hub.reply_route(&me.id, c));
         let target_id = match (&target, &route) {
             (Some(t), _) => t.clone(),
             (None, Some((who, _))) => who.clone(),
@@ -530,7 +761,13 @@ impl Session {
                 return;
             }
         };
-        let text = Utf8Bytes::from(message::encode_routed(ty, corr.as_deref(), Some(&target_id), &me.id, payload));
+        let text = Utf8Bytes::from(message::encode_routed(
+            ty,
+            corr.as_deref(),
+            Some(&target_id),
+            &me.id,
+            payload,
+        ));
         // Prefer the exact connection that asked; fall back to the identity's other connections.
         if let (None, Some((_, conn))) = (&target, &route) {
             if self.relay.hub.send_to_conn(*conn, text.clone()) {
@@ -542,7 +779,11 @@ impl Session {
             Delivery::Delivered(n) => self.relay.metrics.count_out(type_index(ty), n as u64),
             Delivery::NotConnected => {
                 if self.same_org(&target_id, corr.clone()).await {
-                    self.error(ErrorCode::TargetOffline, format!("{target_id} is not connected"), corr);
+                    self.error(
+                        ErrorCode::TargetOffline,
+                        format!("{target_id} is not connected"),
+                        corr,
+                    );
                 }
             }
         }
@@ -570,7 +811,10 @@ async fn write_loop(relay: Arc<Relay>, mut sink: Sink, outbox: Arc<Outbox>) {
         };
         let result = match next {
             Next::Close(code, reason) => {
-                let frame = CloseFrame { code: code.into(), reason: reason.into() };
+                let frame = CloseFrame {
+                    code: code.into(),
+                    reason: reason.into(),
+                };
                 let _ = tokio::time::timeout(CLOSE_GRACE, async {
                     let _ = sink.send(Message::Close(Some(frame))).await;
                     let _ = sink.close().await;
@@ -590,13 +834,21 @@ async fn write_loop(relay: Arc<Relay>, mut sink: Sink, outbox: Arc<Outbox>) {
 }
 
 /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
-async fn write_batch(relay: &Relay, sink: &mut Sink, outbox: &Outbox, first: Next) -> Result<(), tungstenite::Error> {
+async fn write_batch(
+    relay: &Relay,
+    sink: &mut Sink,
+    outbox: &Outbox,
+    first: Next,
+) -> Result<(), tungstenite::Error> {
     let mut item = Some(first);
     let mut n = 0;
     while let Some(next) = item.take() {
         match next {
             Next::Text(t) => {
-                relay.metrics.bytes_out.fetch_add(t.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                relay
+                    .metrics
+                    .bytes_out
+                    .fetch_add(t.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 sink.feed(Message::Text(t)).await?;
             }
             Next::Dropped { count, total } => {

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use signaling::message::{Subscribed, mark_replay};
 use signaling::Envelope;
+use signaling::message::{Subscribed, mark_replay};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::auth::{Identity, Role};
@@ -85,7 +85,13 @@ pub trait Hub: Send + Sync + std::fmt::Debug {
     /// Subscribes `conn` to `device`'s telemetry: queues `subscribed` (answering
     /// `correlation_id`) and then, if `replay`, the buffered frames marked as replay.
     /// Returns how many frames were replayed.
-    fn subscribe(&self, device: &str, conn: &Arc<Conn>, replay: bool, correlation_id: Option<String>) -> usize;
+    fn subscribe(
+        &self,
+        device: &str,
+        conn: &Arc<Conn>,
+        replay: bool,
+        correlation_id: Option<String>,
+    ) -> usize;
     /// Ends a subscription; false if there was none.
     fn unsubscribe(&self, device: &str, conn: ConnId) -> bool;
     /// Remembers that `requester` sent request `correlation_id` to `device`, so the device's
@@ -161,7 +167,10 @@ impl Hub for LocalHub {
                 }
             }
         }
-        reg.by_identity.entry(conn.identity.id.clone()).or_default().push(conn.id);
+        reg.by_identity
+            .entry(conn.identity.id.clone())
+            .or_default()
+            .push(conn.id);
         reg.conns.insert(conn.id, conn);
         replaced
     }
@@ -190,7 +199,9 @@ impl Hub for LocalHub {
 
     fn send_to(&self, org: &str, target: &str, text: Utf8Bytes) -> Delivery {
         let reg = self.registry.read();
-        let Some(ids) = reg.by_identity.get(target) else { return Delivery::NotConnected };
+        let Some(ids) = reg.by_identity.get(target) else {
+            return Delivery::NotConnected;
+        };
         let mut n = 0;
         for id in ids {
             if let Some(c) = reg.conns.get(id).filter(|c| c.identity.org == org) {
@@ -199,12 +210,18 @@ impl Hub for LocalHub {
                 }
             }
         }
-        if n == 0 { Delivery::NotConnected } else { Delivery::Delivered(n) }
+        if n == 0 {
+            Delivery::NotConnected
+        } else {
+            Delivery::Delivered(n)
+        }
     }
 
     fn send_to_conn(&self, conn: ConnId, text: Utf8Bytes) -> bool {
         let reg = self.registry.read();
-        reg.conns.get(&conn).is_some_and(|c| c.outbox.push_control(text).is_ok())
+        reg.conns
+            .get(&conn)
+            .is_some_and(|c| c.outbox.push_control(text).is_ok())
     }
 
     fn publish_telemetry(&self, device: &str, live: Utf8Bytes) -> FanOut {
@@ -229,18 +246,35 @@ impl Hub for LocalHub {
         out
     }
 
-    fn subscribe(&self, device: &str, conn: &Arc<Conn>, replay: bool, correlation_id: Option<String>) -> usize {
-        self.registry.write().subs_by_conn.entry(conn.id).or_default().insert(device.to_owned());
+    fn subscribe(
+        &self,
+        device: &str,
+        conn: &Arc<Conn>,
+        replay: bool,
+        correlation_id: Option<String>,
+    ) -> usize {
+        self.registry
+            .write()
+            .subs_by_conn
+            .entry(conn.id)
+            .or_default()
+            .insert(device.to_owned());
         let online = self.is_online(device);
         let channel = self.channel(device);
         let mut ch = channel.lock();
         let replayed = if replay { ch.buffer.len() } else { 0 };
-        let mut answer = Envelope::new(Subscribed { device_id: device.to_owned(), online, replayed });
+        let mut answer = Envelope::new(Subscribed {
+            device_id: device.to_owned(),
+            online,
+            replayed,
+        });
         answer.correlation_id = correlation_id;
         let _ = conn.outbox.push_control(answer.to_json());
         if replay {
             for frame in &ch.buffer {
-                let _ = conn.outbox.push_telemetry(Utf8Bytes::from(mark_replay(frame.as_str())));
+                let _ = conn
+                    .outbox
+                    .push_telemetry(Utf8Bytes::from(mark_replay(frame.as_str())));
             }
         }
         ch.subscribers.insert(conn.id, conn.outbox.clone());
@@ -248,7 +282,12 @@ impl Hub for LocalHub {
     }
 
     fn unsubscribe(&self, device: &str, conn: ConnId) -> bool {
-        let had = self.registry.write().subs_by_conn.get_mut(&conn).is_some_and(|s| s.remove(device));
+        let had = self
+            .registry
+            .write()
+            .subs_by_conn
+            .get_mut(&conn)
+            .is_some_and(|s| s.remove(device));
         self.channel(device).lock().subscribers.remove(&conn);
         had
     }
@@ -282,7 +321,11 @@ impl Hub for LocalHub {
 
     fn online_devices(&self) -> Vec<String> {
         let reg = self.registry.read();
-        reg.conns.values().filter(|c| c.identity.role == Role::Device).map(|c| c.identity.id.clone()).collect()
+        reg.conns
+            .values()
+            .filter(|c| c.identity.role == Role::Device)
+            .map(|c| c.identity.id.clone())
+            .collect()
     }
 
     fn connections(&self) -> Vec<Arc<Conn>> {
@@ -290,7 +333,9 @@ impl Hub for LocalHub {
     }
 
     fn sweep(&self, now: Instant) {
-        self.replies.lock().retain(|_, (_, _, at)| now.duration_since(*at) < REPLY_ROUTE_TTL);
+        self.replies
+            .lock()
+            .retain(|_, (_, _, at)| now.duration_since(*at) < REPLY_ROUTE_TTL);
     }
 }
 
@@ -302,7 +347,12 @@ mod tests {
     fn conn(id: ConnId, who: &str, org: &str, role: Role) -> Arc<Conn> {
         Arc::new(Conn {
             id,
-            identity: Identity { id: who.into(), org: org.into(), role, name: who.into() },
+            identity: Identity {
+                id: who.into(),
+                org: org.into(),
+                role,
+                name: who.into(),
+            },
             outbox: Arc::new(Outbox::new(16, 4)),
         })
     }
@@ -320,12 +370,20 @@ mod tests {
         let dev = conn(1, "d", "o", Role::Device);
         hub.attach(dev);
         for i in 0..3 {
-            hub.publish_telemetry("d", Utf8Bytes::from(format!(r#"{{"type":"telemetry","payload":{{"n":{i},"relay":{{"a":1}}}}}}"#)));
+            hub.publish_telemetry(
+                "d",
+                Utf8Bytes::from(format!(
+                    r#"{{"type":"telemetry","payload":{{"n":{i},"relay":{{"a":1}}}}}}"#
+                )),
+            );
         }
         let p = conn(2, "p", "o", Role::Pilot);
         hub.attach(p.clone());
         assert_eq!(hub.subscribe("d", &p, true, Some("c".into())), 2);
-        hub.publish_telemetry("d", Utf8Bytes::from(r#"{"type":"telemetry","payload":{"n":3,"relay":{"a":1}}}"#.to_owned()));
+        hub.publish_telemetry(
+            "d",
+            Utf8Bytes::from(r#"{"type":"telemetry","payload":{"n":3,"relay":{"a":1}}}"#.to_owned()),
+        );
         assert!(text(&p.outbox.next().await).contains("\"subscribed\""));
         let a = p.outbox.next().await;
         assert!(text(&a).contains("\"n\":1") && text(&a).contains("\"replay\":true"));
@@ -338,15 +396,24 @@ mod tests {
     fn routing_stays_inside_the_org_and_devices_are_replaced() {
         let hub = LocalHub::new(0);
         hub.attach(conn(1, "d", "org-a", Role::Device));
-        assert_eq!(hub.send_to("org-b", "d", Utf8Bytes::from_static("x")), Delivery::NotConnected);
-        assert_eq!(hub.send_to("org-a", "d", Utf8Bytes::from_static("x")), Delivery::Delivered(1));
+        assert_eq!(
+            hub.send_to("org-b", "d", Utf8Bytes::from_static("x")),
+            Delivery::NotConnected
+        );
+        assert_eq!(
+            hub.send_to("org-a", "d", Utf8Bytes::from_static("x")),
+            Delivery::Delivered(1)
+        );
         let replaced = hub.attach(conn(2, "d", "org-a", Role::Device));
         assert_eq!(replaced.len(), 1);
         assert_eq!(hub.counts().device, 1);
         // Operators may hold several connections.
         hub.attach(conn(3, "op", "org-a", Role::Pilot));
         hub.attach(conn(4, "op", "org-a", Role::Pilot));
-        assert_eq!(hub.send_to("org-a", "op", Utf8Bytes::from_static("x")), Delivery::Delivered(2));
+        assert_eq!(
+            hub.send_to("org-a", "op", Utf8Bytes::from_static("x")),
+            Delivery::Delivered(2)
+        );
     }
 
     #[test]
@@ -355,9 +422,17 @@ mod tests {
         let p = conn(2, "p", "o", Role::Pilot);
         hub.attach(p.clone());
         hub.subscribe("d", &p, false, None);
-        assert_eq!(hub.publish_telemetry("d", Utf8Bytes::from_static("{}")).delivered, 1);
+        assert_eq!(
+            hub.publish_telemetry("d", Utf8Bytes::from_static("{}"))
+                .delivered,
+            1
+        );
         hub.detach(&p);
-        assert_eq!(hub.publish_telemetry("d", Utf8Bytes::from_static("{}")).delivered, 0);
+        assert_eq!(
+            hub.publish_telemetry("d", Utf8Bytes::from_static("{}"))
+                .delivered,
+            0
+        );
         assert!(!hub.is_online("p"));
     }
 }

@@ -47,7 +47,10 @@ pub struct RelayClock {
 
 impl Default for RelayClock {
     fn default() -> Self {
-        RelayClock { base_unix_ms: store::now_ms() as f64, base: Instant::now() }
+        RelayClock {
+            base_unix_ms: store::now_ms() as f64,
+            base: Instant::now(),
+        }
     }
 }
 
@@ -124,7 +127,11 @@ impl Relay {
 
     /// The telemetry state of `device`, created on first use.
     pub fn device_telemetry(&self, device: &str) -> Arc<Mutex<DeviceTelemetry>> {
-        self.devices.lock().entry(device.to_owned()).or_default().clone()
+        self.devices
+            .lock()
+            .entry(device.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Notes that `device` was connected at `at_ms`; written to the store in batches.
@@ -147,6 +154,8 @@ impl Relay {
     /// The org of a device or operator id: live connections first, then the store.
     pub async fn org_of(&self, id: &str) -> Result<Option<String>, store::StoreError> {
         let id = id.to_owned();
-        self.store.call(move |c| store::q::principal_org(c, &id)).await
+        self.store
+            .call(move |c| store::q::principal_org(c, &id))
+            .await
     }
 }

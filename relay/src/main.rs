@@ -105,13 +105,21 @@ enum KeyCmd {
 }
 
 fn init_logging(level: &str) {
-    let debug_mode = std::env::var("DEBUG_MODE").is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
-    let level = if debug_mode { "debug".to_owned() } else { level.to_ascii_lowercase() };
+    let debug_mode = std::env::var("DEBUG_MODE")
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    let level = if debug_mode {
+        "debug".to_owned()
+    } else {
+        level.to_ascii_lowercase()
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&level).unwrap_or_else(|e| {
         eprintln!("LOG_LEVEL {level:?} is not a valid filter ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn print_secret(json: bool, value: serde_json::Value, human: String) {
@@ -179,14 +187,15 @@ fn manage(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM: {e}");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("cannot listen for SIGTERM: {e}");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -207,7 +216,9 @@ async fn main() -> anyhow::Result<()> {
     if cli.config.max_message_size < 1024 {
         bail!("--max-message-size must be at least 1024 bytes");
     }
-    let running = relay::start(cli.config.clone()).await.context("starting the relay")?;
+    let running = relay::start(cli.config.clone())
+        .await
+        .context("starting the relay")?;
     if let Some(b) = &running.bootstrap {
         match &b.generated_key {
             Some(key) => eprintln!(
@@ -218,7 +229,10 @@ async fn main() -> anyhow::Result<()> {
                  =====================================================\n",
                 b.org, b.username
             ),
-            None => eprintln!("First start: created organisation {:?} and admin {:?} with the key from TETHER_ADMIN_KEY.", b.org, b.username),
+            None => eprintln!(
+                "First start: created organisation {:?} and admin {:?} with the key from TETHER_ADMIN_KEY.",
+                b.org, b.username
+            ),
         }
     }
     println!("tether-relay listening on http://{}", running.addr);

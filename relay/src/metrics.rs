@@ -120,38 +120,125 @@ impl Metrics {
         let counter = |o: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
-        let _ = writeln!(o, "# HELP tether_uptime_seconds Seconds since the relay started.\n# TYPE tether_uptime_seconds gauge\ntether_uptime_seconds {uptime_secs:.3}");
-        let _ = writeln!(o, "# HELP tether_connections Live authenticated connections by role.\n# TYPE tether_connections gauge");
-        for (role, n) in [("device", conns.device), ("pilot", conns.pilot), ("admin", conns.admin)] {
+        let _ = writeln!(
+            o,
+            "# HELP tether_uptime_seconds Seconds since the relay started.\n# TYPE tether_uptime_seconds gauge\ntether_uptime_seconds {uptime_secs:.3}"
+        );
+        let _ = writeln!(
+            o,
+            "# HELP tether_connections Live authenticated connections by role.\n# TYPE tether_connections gauge"
+        );
+        for (role, n) in [
+            ("device", conns.device),
+            ("pilot", conns.pilot),
+            ("admin", conns.admin),
+        ] {
             let _ = writeln!(o, "tether_connections{{role=\"{role}\"}} {n}");
         }
-        counter(&mut o, "tether_connections_opened_total", "WebSocket connections accepted.", self.connections_opened.load(Relaxed));
-        let _ = writeln!(o, "# HELP tether_messages_in_total Messages received, by type.\n# TYPE tether_messages_in_total counter");
+        counter(
+            &mut o,
+            "tether_connections_opened_total",
+            "WebSocket connections accepted.",
+            self.connections_opened.load(Relaxed),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP tether_messages_in_total Messages received, by type.\n# TYPE tether_messages_in_total counter"
+        );
         for (i, c) in self.messages_in.iter().enumerate() {
             let v = c.load(Relaxed);
             if v > 0 {
-                let _ = writeln!(o, "tether_messages_in_total{{type=\"{}\"}} {v}", type_label(i));
+                let _ = writeln!(
+                    o,
+                    "tether_messages_in_total{{type=\"{}\"}} {v}",
+                    type_label(i)
+                );
             }
         }
-        let _ = writeln!(o, "# HELP tether_messages_out_total Messages queued for sending, by type.\n# TYPE tether_messages_out_total counter");
+        let _ = writeln!(
+            o,
+            "# HELP tether_messages_out_total Messages queued for sending, by type.\n# TYPE tether_messages_out_total counter"
+        );
         for (i, c) in self.messages_out.iter().enumerate() {
             let v = c.load(Relaxed);
             if v > 0 {
-                let _ = writeln!(o, "tether_messages_out_total{{type=\"{}\"}} {v}", type_label(i));
+                let _ = writeln!(
+                    o,
+                    "tether_messages_out_total{{type=\"{}\"}} {v}",
+                    type_label(i)
+                );
             }
         }
-        counter(&mut o, "tether_bytes_in_total", "Bytes received in text frames.", self.bytes_in.load(Relaxed));
-        counter(&mut o, "tether_bytes_out_total", "Bytes sent in text frames.", self.bytes_out.load(Relaxed));
-        counter(&mut o, "tether_telemetry_delivered_total", "Telemetry frames queued to subscribers.", self.telemetry_delivered.load(Relaxed));
-        counter(&mut o, "tether_telemetry_dropped_total", "Telemetry frames dropped from slow subscribers' queues.", self.telemetry_dropped.load(Relaxed));
-        counter(&mut o, "tether_sequence_gaps_total", "Telemetry frames that arrived after a gap.", self.sequence_gaps.load(Relaxed));
-        counter(&mut o, "tether_sequence_missing_total", "Sequence numbers skipped by gaps.", self.sequence_missing.load(Relaxed));
-        counter(&mut o, "tether_sequence_duplicates_total", "Telemetry frames seen twice.", self.sequence_duplicates.load(Relaxed));
-        counter(&mut o, "tether_sequence_reordered_total", "Telemetry frames that arrived late and filled a gap.", self.sequence_reordered.load(Relaxed));
-        counter(&mut o, "tether_sequence_resets_total", "Telemetry sequence counter restarts.", self.sequence_resets.load(Relaxed));
-        counter(&mut o, "tether_auth_failures_total", "Failed authentications.", self.auth_failures.load(Relaxed));
-        counter(&mut o, "tether_slow_consumer_closes_total", "Connections closed because they stopped reading.", self.slow_consumers.load(Relaxed));
-        let _ = writeln!(o, "# HELP tether_errors_total Error messages sent, by code.\n# TYPE tether_errors_total counter");
+        counter(
+            &mut o,
+            "tether_bytes_in_total",
+            "Bytes received in text frames.",
+            self.bytes_in.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tether_bytes_out_total",
+            "Bytes sent in text frames.",
+            self.bytes_out.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tether_telemetry_delivered_total",
+            "Telemetry frames queued to subscribers.",
+            self.telemetry_delivered.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tether_telemetry_dropped_total",
+            "Telemetry frames dropped from slow subscribers' queues.",
+            self.telemetry_dropped.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tether_sequence_gaps_total",
+            "Telemetry frames that arrived after a gap.",
+            self.sequence_gaps.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tether_sequence_missing_total",
+            "Sequence numbers skipped by gaps.",
+            self.sequence_missing.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tether_sequence_duplicates_total",
+            "Telemetry frames seen twice.",
+            self.sequence_duplicates.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tether_sequence_reordered_total",
+            "Telemetry frames that arrived late and filled a gap.",
+            self.sequence_reordered.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tether_sequence_resets_total",
+            "Telemetry sequence counter restarts.",
+            self.sequence_resets.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tether_auth_failures_total",
+            "Failed authentications.",
+            self.auth_failures.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "tether_slow_consumer_closes_total",
+            "Connections closed because they stopped reading.",
+            self.slow_consumers.load(Relaxed),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP tether_errors_total Error messages sent, by code.\n# TYPE tether_errors_total counter"
+        );
         for (i, code) in ERROR_CODES.iter().enumerate() {
             let v = self.errors[i].load(Relaxed);
             if v > 0 {

@@ -68,14 +68,19 @@ pub fn bootstrap(store: &Store, admin_key: Option<&str>) -> Result<Option<Bootst
         let generated_key = match admin_key {
             Some(key) => {
                 let (key_id, secret) = auth::parse_api_key(key).unwrap_or((BOOTSTRAP_KEY_ID, key));
-                let hash = bcrypt::hash(secret, MACHINE_SECRET_COST).map_err(|e| StoreError::Task(e.to_string()))?;
+                let hash = bcrypt::hash(secret, MACHINE_SECRET_COST)
+                    .map_err(|e| StoreError::Task(e.to_string()))?;
                 q::create_api_key(&tx, key_id, &op_id, &hash, Some("bootstrap"))?;
                 None
             }
             None => Some(auth::issue_api_key_sync(&tx, &op_id, Some("bootstrap"))?),
         };
         tx.commit()?;
-        Ok(Some(Bootstrap { org: org.name, username: "admin".into(), generated_key }))
+        Ok(Some(Bootstrap {
+            org: org.name,
+            username: "admin".into(),
+            generated_key,
+        }))
     })
 }
 
@@ -84,8 +89,12 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
     let store = Store::open(&config.db_path())?;
     let bootstrap = bootstrap(&store, config.admin_key.as_deref())?;
     let addr = SocketAddr::new(config.bind, config.port);
-    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
     let hub = Arc::new(LocalHub::new(config.telemetry_buffer_size));
     let relay = Arc::new(Relay::new(config, store, hub));
 
@@ -96,7 +105,12 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
         .graceful(async move { shutdown.cancelled().await });
     let server = tokio::spawn(server.run());
     tracing::info!(%addr, db = %relay.store.path().display(), "relay listening");
-    Ok(RunningRelay { addr, relay, bootstrap, server })
+    Ok(RunningRelay {
+        addr,
+        relay,
+        bootstrap,
+        server,
+    })
 }
 
 /// Periodic work: expired tickets and reply routes, batched last-seen writes.
@@ -126,7 +140,10 @@ impl RunningRelay {
         relay.shutdown.cancel();
         let _ = tokio::time::timeout(grace, self.server).await;
         relay.tasks.close();
-        if tokio::time::timeout(grace, relay.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(grace, relay.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some connections did not close within {grace:?}");
         }
         relay.flush_presence().await;

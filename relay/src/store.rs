@@ -253,8 +253,10 @@ impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| StoreError::DataDir { path: dir.to_owned(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+                path: dir.to_owned(),
+                source,
+            })?;
         }
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -264,7 +266,11 @@ impl Store {
         migrate(&mut conn)?;
         let probe = Connection::open(path)?;
         probe.busy_timeout(Duration::from_millis(1000))?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)), probe: Arc::new(Mutex::new(probe)), path: path.to_owned() })
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+            probe: Arc::new(Mutex::new(probe)),
+            path: path.to_owned(),
+        })
     }
 
     /// The database file.
@@ -285,7 +291,10 @@ impl Store {
     }
 
     /// Runs `f` on the calling thread (for the CLI and start-up, outside the runtime's workers).
-    pub fn call_sync<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub fn call_sync<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         f(&mut self.conn.lock())
     }
 
@@ -295,10 +304,11 @@ impl Store {
         let probe = self.probe.clone();
         tokio::task::spawn_blocking(move || {
             let conn = probe.lock();
-            conn.execute_batch("BEGIN IMMEDIATE; SELECT count(*) FROM orgs; ROLLBACK;").map_err(|e| {
-                let _ = conn.execute_batch("ROLLBACK");
-                StoreError::from(e)
-            })
+            conn.execute_batch("BEGIN IMMEDIATE; SELECT count(*) FROM orgs; ROLLBACK;")
+                .map_err(|e| {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    StoreError::from(e)
+                })
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -321,7 +331,8 @@ impl Store {
         self.call(move |c| {
             let tx = c.transaction()?;
             {
-                let mut st = tx.prepare_cached("UPDATE devices SET last_seen = ?2 WHERE id = ?1")?;
+                let mut st =
+                    tx.prepare_cached("UPDATE devices SET last_seen = ?2 WHERE id = ?1")?;
                 for (id, at) in &seen {
                     st.execute(params![id, at])?;
                 }
@@ -350,7 +361,9 @@ pub mod q {
 
     fn exists_err(e: rusqlite::Error, what: &str) -> StoreError {
         match e {
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
                 StoreError::Exists(what.to_owned())
             }
             e => e.into(),
@@ -359,9 +372,15 @@ pub mod q {
 
     /// Creates an organisation.
     pub fn create_org(c: &Connection, id: &str, name: &str) -> Result<Org, StoreError> {
-        c.execute("INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)", params![id, name, now_ms()])
-            .map_err(|e| exists_err(e, &format!("org {name:?}")))?;
-        Ok(Org { id: id.to_owned(), name: name.to_owned() })
+        c.execute(
+            "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)",
+            params![id, name, now_ms()],
+        )
+        .map_err(|e| exists_err(e, &format!("org {name:?}")))?;
+        Ok(Org {
+            id: id.to_owned(),
+            name: name.to_owned(),
+        })
     }
 
     /// Finds an organisation by id or name.
@@ -369,7 +388,12 @@ pub mod q {
         Ok(c.query_row(
             "SELECT id, name FROM orgs WHERE id = ?1 OR name = ?1",
             params![id_or_name],
-            |r| Ok(Org { id: r.get(0)?, name: r.get(1)? }),
+            |r| {
+                Ok(Org {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                })
+            },
         )
         .optional()?)
     }
@@ -377,12 +401,23 @@ pub mod q {
     /// Lists organisations.
     pub fn list_orgs(c: &Connection) -> Result<Vec<Org>, StoreError> {
         let mut st = c.prepare("SELECT id, name FROM orgs ORDER BY name")?;
-        let rows = st.query_map([], |r| Ok(Org { id: r.get(0)?, name: r.get(1)? }))?;
+        let rows = st.query_map([], |r| {
+            Ok(Org {
+                id: r.get(0)?,
+                name: r.get(1)?,
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Creates a device with an already-hashed secret.
-    pub fn create_device(c: &Connection, id: &str, org_id: &str, name: &str, secret_hash: &str) -> Result<(), StoreError> {
+    pub fn create_device(
+        c: &Connection,
+        id: &str,
+        org_id: &str,
+        name: &str,
+        secret_hash: &str,
+    ) -> Result<(), StoreError> {
         c.execute(
             "INSERT INTO devices (id, org_id, name, secret_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id, org_id, name, secret_hash, now_ms()],
@@ -392,7 +427,10 @@ pub mod q {
     }
 
     /// A device's org, name and secret hash, unless revoked.
-    pub fn device_credentials(c: &Connection, id: &str) -> Result<Option<(DeviceRow, Option<String>)>, StoreError> {
+    pub fn device_credentials(
+        c: &Connection,
+        id: &str,
+    ) -> Result<Option<(DeviceRow, Option<String>)>, StoreError> {
         Ok(c.query_row(
             "SELECT id, org_id, name, last_seen, secret_hash FROM devices WHERE id = ?1 AND revoked_at IS NULL",
             params![id],
@@ -407,7 +445,12 @@ pub mod q {
             "SELECT id, org_id, name, last_seen FROM devices WHERE org_id = ?1 AND revoked_at IS NULL ORDER BY name, id",
         )?;
         let rows = st.query_map(params![org_id], |r| {
-            Ok(DeviceRow { id: r.get(0)?, org_id: r.get(1)?, name: r.get(2)?, last_seen: r.get(3)? })
+            Ok(DeviceRow {
+                id: r.get(0)?,
+                org_id: r.get(1)?,
+                name: r.get(2)?,
+                last_seen: r.get(3)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -424,13 +467,24 @@ pub mod q {
     }
 
     /// Creates an operator.
-    pub fn create_operator(c: &Connection, id: &str, org_id: &str, username: &str, role: OperatorRole) -> Result<OperatorRow, StoreError> {
+    pub fn create_operator(
+        c: &Connection,
+        id: &str,
+        org_id: &str,
+        username: &str,
+        role: OperatorRole,
+    ) -> Result<OperatorRow, StoreError> {
         c.execute(
             "INSERT INTO operators (id, org_id, username, role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id, org_id, username, role.as_str(), now_ms()],
         )
         .map_err(|e| exists_err(e, &format!("operator {username:?}")))?;
-        Ok(OperatorRow { id: id.to_owned(), org_id: org_id.to_owned(), username: username.to_owned(), role })
+        Ok(OperatorRow {
+            id: id.to_owned(),
+            org_id: org_id.to_owned(),
+            username: username.to_owned(),
+            role,
+        })
     }
 
     fn operator_from_row(r: &rusqlite::Row<'_>, base: usize) -> rusqlite::Result<OperatorRow> {
@@ -444,7 +498,10 @@ pub mod q {
     }
 
     /// Finds an operator by id or username.
-    pub fn find_operator(c: &Connection, id_or_name: &str) -> Result<Option<OperatorRow>, StoreError> {
+    pub fn find_operator(
+        c: &Connection,
+        id_or_name: &str,
+    ) -> Result<Option<OperatorRow>, StoreError> {
         Ok(c.query_row(
             "SELECT id, org_id, username, role FROM operators WHERE (id = ?1 OR username = ?1) AND disabled_at IS NULL",
             params![id_or_name],
@@ -459,7 +516,13 @@ pub mod q {
     }
 
     /// Stores an API key hash for an operator.
-    pub fn create_api_key(c: &Connection, key_id: &str, operator_id: &str, key_hash: &str, label: Option<&str>) -> Result<(), StoreError> {
+    pub fn create_api_key(
+        c: &Connection,
+        key_id: &str,
+        operator_id: &str,
+        key_hash: &str,
+        label: Option<&str>,
+    ) -> Result<(), StoreError> {
         c.execute(
             "INSERT INTO api_keys (id, operator_id, key_hash, label, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![key_id, operator_id, key_hash, label, now_ms()],
@@ -476,7 +539,13 @@ pub mod q {
              WHERE k.id = ?1 AND k.revoked_at IS NULL AND o.disabled_at IS NULL
                AND (k.expires_at IS NULL OR k.expires_at > ?2)",
             params![key_id, now_ms()],
-            |r| Ok(ApiKeyRow { id: r.get(0)?, key_hash: r.get(1)?, operator: operator_from_row(r, 2)? }),
+            |r| {
+                Ok(ApiKeyRow {
+                    id: r.get(0)?,
+                    key_hash: r.get(1)?,
+                    operator: operator_from_row(r, 2)?,
+                })
+            },
         )
         .optional()?)
     }
@@ -504,7 +573,10 @@ mod tests {
         let store = Store::open(&path).unwrap();
         store
             .call_sync(|c| {
-                assert!(matches!(q::create_org(c, "org-2", "acme"), Err(StoreError::Exists(_))));
+                assert!(matches!(
+                    q::create_org(c, "org-2", "acme"),
+                    Err(StoreError::Exists(_))
+                ));
                 assert_eq!(q::list_devices(c, "org-1")?.len(), 1);
                 assert_eq!(q::principal_org(c, "op-1")?.as_deref(), Some("org-1"));
                 assert_eq!(q::principal_org(c, "boat-1")?.as_deref(), Some("org-1"));

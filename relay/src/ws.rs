@@ -5,6 +5,7 @@
 //! the request's extensions, so this filter takes it, answers the handshake itself (101 with
 //! `Sec-WebSocket-Accept`) and builds the `WebSocketStream` with [`socket_config`].
 
+use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
@@ -12,7 +13,6 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use warp::Filter;
 use warp::http::{HeaderValue, Response, StatusCode, header};
-use bytes::Bytes;
 
 /// The upgraded socket type.
 pub type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -72,7 +72,12 @@ impl Upgrade {
         tokio::spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                    let ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(config),
+                    )
+                    .await;
                     f(ws).await;
                 }
                 Err(e) => tracing::debug!("websocket upgrade failed: {e}"),

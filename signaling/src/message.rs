@@ -296,9 +296,14 @@ pub struct Telemetry {
     /// Per-stream counter stamped by the device, +1 per frame.
     pub sequence: u64,
     /// Device clock when the data was sampled, ms since the Unix epoch.
+    #[serde(serialize_with = "ms::ser")]
     pub timestamp: f64,
     /// Device clock when the frame was sent, ms since the Unix epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ms::ser_opt"
+    )]
     pub system_time: Option<f64>,
     /// Changes whenever the device restarts its counters (e.g. a boot id), so the relay can
     /// tell a restart from duplicates without guessing.
@@ -313,6 +318,27 @@ pub struct Telemetry {
     /// Added by the relay on frames it forwards to pilots; a device must not send it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<TelemetryAnnotation>,
+}
+
+/// Millisecond timestamps: whole values are written as integers (`1625049600000`, as the seed
+/// devices send them), fractional ones as floats.
+mod ms {
+    use serde::Serializer;
+
+    pub fn ser<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.fract() == 0.0 && v.abs() < 9.0e15 {
+            s.serialize_i64(*v as i64)
+        } else {
+            s.serialize_f64(*v)
+        }
+    }
+
+    pub fn ser_opt<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => ser(v, s),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 fn default_subtype() -> String {
@@ -769,7 +795,9 @@ mod tests {
     #[test]
     fn replay_marking_keeps_the_frame_valid() {
         let text = r#"{"type":"telemetry","payload":{"sequence":1,"timestamp":2,"data":{}}}"#;
-        let Frame::Telemetry { payload, .. } = decode_frame(text).unwrap() else { panic!() };
+        let Frame::Telemetry { payload, .. } = decode_frame(text).unwrap() else {
+            panic!()
+        };
         let ann = TelemetryAnnotation {
             received_at: 1.0,
             stream: "s".into(),
@@ -783,7 +811,9 @@ mod tests {
         };
         let replay = mark_replay(&encode_forwarded_telemetry("d", payload, &ann));
         let env: Envelope = serde_json::from_str(&replay).unwrap();
-        let Body::Telemetry(t) = env.body else { panic!() };
+        let Body::Telemetry(t) = env.body else {
+            panic!()
+        };
         assert!(t.relay.unwrap().replay);
     }
 
@@ -791,7 +821,13 @@ mod tests {
     fn routed_messages_keep_unknown_payload_fields() {
         let text = r#"{"type":"execute_command","correlationID":"c","clientID":"d","payload":{"command":"ls","extra":[1]}}"#;
         let raw = decode_raw(text).unwrap();
-        let out = encode_routed("execute_command", Some("c"), Some("d"), "op-\"1", raw.payload);
+        let out = encode_routed(
+            "execute_command",
+            Some("c"),
+            Some("d"),
+            "op-\"1",
+            raw.payload,
+        );
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["payload"]["extra"][0], 1);
         assert_eq!(v["from"], "op-\"1");

@@ -287,13 +287,20 @@ impl<K: Hash + Eq> SequenceTracker<K> {
     }
 
     /// Like [`SequenceTracker::observe`], but allocates the key only for a new stream.
-    pub fn observe_ref<Q>(&mut self, key: &Q, seq: u64, epoch: Option<&str>, backfill: bool) -> (Verdict, SequenceCounters)
+    pub fn observe_ref<Q>(
+        &mut self,
+        key: &Q,
+        seq: u64,
+        epoch: Option<&str>,
+        backfill: bool,
+    ) -> (Verdict, SequenceCounters)
     where
         K: std::borrow::Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         if !self.streams.contains_key(key) {
-            self.streams.insert(key.to_owned(), StreamSequence::default());
+            self.streams
+                .insert(key.to_owned(), StreamSequence::default());
         }
         let s = self.streams.get_mut(key).expect("inserted above");
         let v = s.observe(seq, epoch, backfill);

@@ -1,0 +1,213 @@
+//! The agent's `config.yaml`, in the WobotRelay seed's format:
+//!
+//! ```yaml
+//! serverAddress: "ws://relay.example.com:8000/ws"
+//! handshakeKey: "group-default123"
+//! clientID: "dev-3f2a9c"
+//! clientSecret: "..."
+//! name: "Client-1"
+//! logLevel: "info"
+//! commandRestartMaxDelay: "5m"
+//! paths: {}
+//! telemetry:
+//!   rateHz: 5
+//!   simulator: true
+//! ```
+//!
+//! Keys the agent does not know are kept in `extra`, so writing the file back never loses them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors reading a config file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or a field has the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What and where (line and column when known).
+        message: String,
+    },
+    /// A field's value is not acceptable.
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Simulated-boat and publishing settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryConfig {
+    /// Frames per second from the built-in simulator (default 5).
+    #[serde(default = "default_rate")]
+    pub rate_hz: f64,
+    /// Publish the built-in simulated boat's telemetry (default true).
+    #[serde(default = "yes")]
+    pub simulator: bool,
+}
+
+fn default_rate() -> f64 {
+    5.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            rate_hz: default_rate(),
+            simulator: true,
+        }
+    }
+}
+
+/// The agent's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// WebSocket URL of the relay's device endpoint, e.g. `ws://host:8000/ws`.
+    pub server_address: String,
+    /// Fleet handshake key for onboarding (used while `clientID` is empty).
+    #[serde(default)]
+    pub handshake_key: String,
+    /// Identity issued at approval.
+    #[serde(rename = "clientID", default)]
+    pub client_id: String,
+    /// Secret issued at approval.
+    #[serde(default)]
+    pub client_secret: String,
+    /// Display name.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// error, warn, info, debug or trace.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    /// Telemetry publishing.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// Everything else in the file (paths, commandRestartMaxDelay, ...), kept verbatim.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_norway::Value>,
+}
+
+fn default_name() -> String {
+    "tether-device".into()
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Config {
+    /// Parses YAML text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let c: Config = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        Config::parse(&text, &p)
+    }
+
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let bad = |field, message: String| {
+            Err(ConfigError::Invalid {
+                path: path.into(),
+                field,
+                message,
+            })
+        };
+        match url::Url::parse(&self.server_address) {
+            Ok(u) if u.scheme() == "ws" || u.scheme() == "wss" => {}
+            Ok(u) => {
+                return bad(
+                    "serverAddress",
+                    format!("scheme must be ws or wss, not {:?}", u.scheme()),
+                );
+            }
+            Err(e) => return bad("serverAddress", format!("{e}: {:?}", self.server_address)),
+        }
+        if self.client_id.is_empty() != self.client_secret.is_empty() {
+            return bad(
+                "clientSecret",
+                "clientID and clientSecret must both be set, or both empty".into(),
+            );
+        }
+        if !(self.telemetry.rate_hz > 0.0 && self.telemetry.rate_hz <= 1000.0) {
+            return bad(
+                "telemetry.rateHz",
+                format!("must be between 0 and 1000, got {}", self.telemetry.rate_hz),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_format_parses_and_keeps_unknown_keys() {
+        let text = r#"
+serverAddress: "ws://localhost:8000/ws"
+handshakeKey: "group-default123"
+clientID: "dev-1"
+clientSecret: "abc"
+logLevel: "info"
+commandRestartMaxDelay: "5m"
+paths:
+  service-A:
+    runOnInit: "/usr/bin/my-service"
+    runOnInitRestart: "yes"
+"#;
+        let c = Config::parse(text, "config.yaml").unwrap();
+        assert_eq!(c.client_id, "dev-1");
+        assert_eq!(c.telemetry, TelemetryConfig::default());
+        assert!(c.extra.contains_key("paths"));
+        assert!(c.extra.contains_key("commandRestartMaxDelay"));
+        let back = serde_norway::to_string(&c).unwrap();
+        assert!(back.contains("runOnInitRestart"));
+    }
+
+    #[test]
+    fn errors_say_where() {
+        let e = Config::parse("serverAddress: http://x/ws\n", "c.yaml").unwrap_err();
+        assert!(e.to_string().contains("serverAddress"), "{e}");
+        let e = Config::parse("serverAddress: ws://x/ws\nclientID: a\n", "c.yaml").unwrap_err();
+        assert!(e.to_string().contains("clientSecret"), "{e}");
+        let e = Config::parse("serverAddress: [\n", "c.yaml").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+    }
+}

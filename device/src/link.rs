@@ -1,0 +1,320 @@
+//! The relay link: connect, authenticate, answer clock sync, publish telemetry, reconnect.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use signaling::message::{self, Body, CommandResult, Pong, Telemetry, TimeSyncResponse};
+use signaling::{Envelope, ErrorCode};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_util_shim::Cancel;
+
+use crate::config::Config;
+use crate::sim::Boat;
+
+/// Why the agent stopped for good (as opposed to reconnecting).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The relay refused the credentials: retrying cannot help.
+    #[error("the relay refused this device's credentials ({code}): {message}")]
+    Refused {
+        /// The relay's error code.
+        code: ErrorCode,
+        /// The relay's explanation.
+        message: String,
+    },
+    /// The configuration cannot work (e.g. no credentials yet).
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Device wall clock, ms since the Unix epoch, with sub-millisecond precision.
+pub fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// Minimal cancellation without pulling in tokio-util: a watch channel.
+pub mod tokio_util_shim {
+    use tokio::sync::watch;
+
+    /// A cancellation signal that can be cloned and awaited.
+    #[derive(Debug, Clone)]
+    pub struct Cancel {
+        rx: watch::Receiver<bool>,
+    }
+
+    /// The side that fires a [`Cancel`].
+    #[derive(Debug)]
+    pub struct Trigger(watch::Sender<bool>);
+
+    impl Trigger {
+        /// Fires the signal.
+        pub fn cancel(&self) {
+            let _ = self.0.send(true);
+        }
+    }
+
+    /// A new signal and its trigger.
+    pub fn cancel_pair() -> (Trigger, Cancel) {
+        let (tx, rx) = watch::channel(false);
+        (Trigger(tx), Cancel { rx })
+    }
+
+    impl Cancel {
+        /// Resolves once cancelled.
+        pub async fn cancelled(&mut self) {
+            let _ = self.rx.wait_for(|c| *c).await;
+        }
+
+        /// Whether it has fired.
+        pub fn is_cancelled(&self) -> bool {
+            *self.rx.borrow()
+        }
+    }
+}
+
+/// The agent's publishing state, kept across reconnects.
+#[derive(Debug)]
+pub struct Agent {
+    config: Config,
+    /// Changes every process start, so the relay tells a restart from duplicates.
+    epoch: String,
+    sequence: u64,
+    boat: Boat,
+    last_step: Instant,
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+impl Agent {
+    /// An agent for `config`.
+    pub fn new(config: Config) -> Self {
+        let epoch = format!("{:08x}", rand::rng().random::<u32>());
+        Agent {
+            config,
+            epoch,
+            sequence: 0,
+            boat: Boat::default(),
+            last_step: Instant::now(),
+        }
+    }
+
+    fn url(&self) -> Result<url::Url, AgentError> {
+        let mut u = url::Url::parse(&self.config.server_address)
+            .map_err(|e| AgentError::Config(format!("serverAddress: {e}")))?;
+        u.query_pairs_mut()
+            .append_pair("clientID", &self.config.client_id);
+        Ok(u)
+    }
+
+    /// Runs until `cancel` fires or the relay refuses the credentials. Reconnects with
+    /// exponential backoff (with jitter) after every other failure.
+    pub async fn run(&mut self, mut cancel: Cancel) -> Result<(), AgentError> {
+        if self.config.client_id.is_empty() {
+            return Err(AgentError::Config(
+                "clientID and clientSecret are empty: onboarding with a handshake key is not supported by this agent version; create a device credential with `tether-relay device create` and put it in config.yaml".into(),
+            ));
+        }
+        let mut backoff = BACKOFF_START;
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                r = self.session() => r,
+                _ = cancel.cancelled() => return Ok(()),
+            };
+            match result {
+                Err(SessionEnd::Refused(code, message)) => {
+                    return Err(AgentError::Refused { code, message });
+                }
+                Err(SessionEnd::Lost(why)) => tracing::warn!("relay link lost: {why}"),
+                Ok(()) => tracing::info!("relay closed the link"),
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = BACKOFF_START;
+            }
+            let jitter = rand::rng().random_range(0.5..1.0);
+            let wait = backoff.mul_f64(jitter);
+            tracing::info!("reconnecting in {:.1} s", wait.as_secs_f64());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn session(&mut self) -> Result<(), SessionEnd> {
+        let url = self.url().map_err(|e| SessionEnd::Lost(e.to_string()))?;
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {}", self.config.client_secret))
+            .map_err(|_| {
+                SessionEnd::Refused(
+                    ErrorCode::AuthFailed,
+                    "clientSecret contains characters not allowed in a header".into(),
+                )
+            })?;
+        req.headers_mut().insert("authorization", bearer);
+        let (ws, _) = tokio::time::timeout(
+            Duration::from_secs(15),
+            tokio_tungstenite::connect_async(req),
+        )
+        .await
+        .map_err(|_| SessionEnd::Lost("connect timed out".into()))?
+        .map_err(|e| SessionEnd::Lost(format!("connect to {}: {e}", self.config.server_address)))?;
+        let (mut tx, mut rx) = ws.split();
+
+        // The relay answers auth_ok or error first.
+        let first = tokio::time::timeout(Duration::from_secs(15), rx.next())
+            .await
+            .map_err(|_| SessionEnd::Lost("no answer to authentication".into()))?;
+        let ping_interval = match first {
+            Some(Ok(Message::Text(t))) => match message::decode(&t) {
+                Ok(Envelope {
+                    body: Body::AuthOk(ok),
+                    ..
+                }) => {
+                    tracing::info!(client_id = %ok.client_id, org = %ok.org, "authenticated with the relay");
+                    Duration::from_millis(ok.ping_interval_ms.max(100))
+                }
+                Ok(Envelope {
+                    body: Body::Error(e),
+                    ..
+                }) if matches!(e.code, ErrorCode::AuthFailed | ErrorCode::Forbidden) => {
+                    return Err(SessionEnd::Refused(e.code, e.message));
+                }
+                Ok(other) => {
+                    return Err(SessionEnd::Lost(format!(
+                        "unexpected first message {:?}",
+                        other.body.type_name()
+                    )));
+                }
+                Err(e) => return Err(SessionEnd::Lost(format!("unreadable first message: {e}"))),
+            },
+            other => {
+                return Err(SessionEnd::Lost(format!(
+                    "link closed during authentication: {other:?}"
+                )));
+            }
+        };
+        // A link that is silent for three ping periods (the relay pings every period) is dead.
+        let dead_after = ping_interval * 3 + Duration::from_secs(5);
+        let period = Duration::from_secs_f64(1.0 / self.config.telemetry.rate_hz);
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_rx = Instant::now();
+        self.last_step = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick(), if self.config.telemetry.simulator => {
+                    let frame = self.next_frame();
+                    tx.send(Message::Text(frame.into())).await.map_err(|e| SessionEnd::Lost(e.to_string()))?;
+                }
+                msg = rx.next() => {
+                    let recv_ms = now_ms();
+                    last_rx = Instant::now();
+                    match msg {
+                        None => return Ok(()),
+                        Some(Err(e)) => return Err(SessionEnd::Lost(e.to_string())),
+                        Some(Ok(Message::Text(t))) => {
+                            if let Some(reply) = self.on_message(&t, recv_ms) {
+                                tx.send(Message::Text(reply.into())).await.map_err(|e| SessionEnd::Lost(e.to_string()))?;
+                            }
+                        }
+                        Some(Ok(Message::Close(f))) => {
+                            return Err(SessionEnd::Lost(format!("relay closed: {}", f.map(|f| f.reason.to_string()).unwrap_or_default())));
+                        }
+                        Some(Ok(_)) => {}
+                    }
+                }
+                _ = tokio::time::sleep_until((last_rx + dead_after).into()) => {
+                    return Err(SessionEnd::Lost(format!("nothing from the relay for {:.0} s", dead_after.as_secs_f64())));
+                }
+            }
+        }
+    }
+
+    fn next_frame(&mut self) -> String {
+        let now = Instant::now();
+        self.boat
+            .step(now.duration_since(self.last_step).as_secs_f64());
+        self.last_step = now;
+        let t = now_ms().floor();
+        let frame = Telemetry {
+            subtype: "sensor_data".into(),
+            stream: None,
+            sequence: self.sequence,
+            timestamp: t,
+            system_time: Some(t),
+            epoch: Some(self.epoch.clone()),
+            backfill: false,
+            data: self.boat.data(),
+            relay: None,
+        };
+        self.sequence += 1;
+        Envelope::new(frame).to_json()
+    }
+
+    /// Handles a message from the relay; returns the reply to send, if any.
+    fn on_message(&mut self, text: &str, recv_ms: f64) -> Option<String> {
+        let env = match message::decode(text) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("unreadable message from the relay: {e}");
+                return None;
+            }
+        };
+        let corr = env.correlation_id.clone();
+        match env.body {
+            Body::TimeSync(s) => {
+                let r = TimeSyncResponse {
+                    t1: s.t1,
+                    t2: recv_ms,
+                    t3: now_ms(),
+                };
+                Some(Envelope::new(r).to_json())
+            }
+            Body::Ping(p) => {
+                let mut e = Envelope::new(Pong {
+                    t: p.t,
+                    relay_time: Some(now_ms()),
+                });
+                e.correlation_id = corr;
+                Some(e.to_json())
+            }
+            Body::Error(e) => {
+                tracing::warn!(code = %e.code, "relay reported an error: {}", e.message);
+                None
+            }
+            Body::Pong(_) | Body::AuthOk(_) => None,
+            other => {
+                // Requests this agent version cannot serve get an explicit refusal, not silence.
+                let ty = other.type_name();
+                tracing::warn!("unsupported request {ty:?} from {:?}", env.from);
+                let reply = CommandResult {
+                    ok: false,
+                    error: Some(format!("{ty} is not supported by this agent version")),
+                    data: None,
+                };
+                let mut e = Envelope::new(reply);
+                e.correlation_id = corr;
+                e.client_id = env.from;
+                Some(e.to_json())
+            }
+        }
+    }
+}
+
+enum SessionEnd {
+    Refused(ErrorCode, String),
+    Lost(String),
+}

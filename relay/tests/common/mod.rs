@@ -1,0 +1,255 @@
+//! Test harness: a real relay on 127.0.0.1:0 with a temporary SQLite store, and WebSocket
+//! clients speaking the native protocol with tokio-tungstenite.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use relay::auth;
+use relay::store::{OperatorRole, q};
+use relay::{RelayConfig, RunningRelay};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, http::HeaderValue};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected message may take before the test fails (generous: CI is slow).
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestRelay {
+    pub running: Option<RunningRelay>,
+    pub dir: tempfile::TempDir,
+    pub admin_key: String,
+}
+
+pub async fn start_relay() -> TestRelay {
+    start_relay_with(|_| {}).await
+}
+
+pub async fn start_relay_with(tweak: impl FnOnce(&mut RelayConfig)) -> TestRelay {
+    let dir = tempfile::tempdir().unwrap();
+    let admin_key = format!("tk_testadmin_{}", auth::random_hex(16));
+    let mut config = RelayConfig {
+        port: 0,
+        bind: "127.0.0.1".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        admin_key: Some(admin_key.clone()),
+        ..RelayConfig::default()
+    };
+    tweak(&mut config);
+    let running = relay::start(config).await.expect("relay starts");
+    TestRelay {
+        running: Some(running),
+        dir,
+        admin_key,
+    }
+}
+
+impl TestRelay {
+    pub fn running(&self) -> &RunningRelay {
+        self.running.as_ref().unwrap()
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.running().addr
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr())
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr())
+    }
+
+    pub fn create_org(&self, name: &str) {
+        self.running()
+            .relay
+            .store
+            .call_sync(|c| q::create_org(c, name, name).map(|_| ()))
+            .unwrap();
+    }
+
+    /// Creates a device in `org` and returns its secret.
+    pub fn create_device(&self, id: &str, org: &str) -> String {
+        self.running()
+            .relay
+            .store
+            .call_sync(|c| auth::issue_device_sync(c, id, org, id))
+            .unwrap()
+    }
+
+    /// Creates an operator in `org` and returns an API key.
+    pub fn create_operator(&self, username: &str, org: &str, role: OperatorRole) -> String {
+        self.running()
+            .relay
+            .store
+            .call_sync(|c| {
+                let id = format!("op-{username}");
+                q::create_operator(c, &id, org, username, role)?;
+                auth::issue_api_key_sync(c, &id, None)
+            })
+            .unwrap()
+    }
+
+    pub async fn ticket(&self, api_key: &str) -> String {
+        let r = reqwest::Client::new()
+            .post(self.http("/api/auth/ws-ticket"))
+            .bearer_auth(api_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "ticket request refused");
+        let v: Value = r.json().await.unwrap();
+        v["ticket"].as_str().unwrap().to_owned()
+    }
+
+    /// An operator connection, authenticated (auth_ok consumed).
+    pub async fn operator(&self, api_key: &str) -> Client {
+        let t = self.ticket(api_key).await;
+        let mut c = Client::connect(&self.ws_url(&format!("/ws/admin?ticket={t}")), None).await;
+        let ok = c.recv().await;
+        assert_eq!(ok["type"], "auth_ok", "{ok}");
+        c
+    }
+
+    /// A device connection with the bearer header, authenticated (auth_ok consumed).
+    pub async fn device(&self, id: &str, secret: &str) -> Client {
+        let mut c =
+            Client::connect(&self.ws_url(&format!("/ws?clientID={id}")), Some(secret)).await;
+        let ok = c.recv().await;
+        assert_eq!(ok["type"], "auth_ok", "{ok}");
+        c
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct Client {
+    pub ws: Ws,
+    /// Added to this client's clock when it answers time_sync (simulates a skewed device clock).
+    pub clock_offset_ms: f64,
+    /// Answer time_sync automatically (devices) instead of returning it.
+    pub auto_time_sync: bool,
+}
+
+pub fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0
+}
+
+impl Client {
+    pub async fn connect(url: &str, bearer: Option<&str>) -> Client {
+        let mut req = url.into_client_request().unwrap();
+        if let Some(b) = bearer {
+            req.headers_mut().insert(
+                "authorization",
+                HeaderValue::from_str(&format!("Bearer {b}")).unwrap(),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("websocket connects");
+        Client {
+            ws,
+            clock_offset_ms: 0.0,
+            auto_time_sync: true,
+        }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_text(&mut self, s: &str) {
+        self.ws
+            .send(Message::Text(s.to_owned().into()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON message, answering time_sync and skipping ping/pong control frames.
+    pub async fn recv(&mut self) -> Value {
+        match self.try_recv(WAIT).await {
+            Some(v) => v,
+            None => panic!("no message within {WAIT:?}"),
+        }
+    }
+
+    /// Like `recv`, but `None` on timeout or close.
+    pub async fn try_recv(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??;
+            match m {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(&t).expect("relay sends JSON");
+                    if self.auto_time_sync && v["type"] == "time_sync" {
+                        let t2 = now_ms() + self.clock_offset_ms;
+                        let t1 = v["payload"]["t1"].clone();
+                        self.send(json!({"type":"time_sync_response","payload":{"t1":t1,"t2":t2,"t3":t2}})).await;
+                        continue;
+                    }
+                    return Some(v);
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// The next message of type `ty`, skipping others.
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["type"] == ty {
+                return v;
+            }
+        }
+    }
+
+    /// Waits for the close frame; returns it (None if the socket just ended).
+    pub async fn expect_close(&mut self) -> Option<CloseFrame> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("connection not closed within {WAIT:?}"),
+                Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(Message::Close(f)))) => return f,
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Sends one telemetry frame in the seed's shape.
+    pub async fn telemetry(&mut self, sequence: u64, timestamp: f64, data: Value) {
+        self.send(json!({"type":"telemetry","payload":{
+            "subtype":"sensor_data","sequence":sequence,"timestamp":timestamp,"system_time":timestamp,"data":data}}))
+        .await;
+    }
+}
+
+/// Subscribes and returns the `subscribed` answer.
+pub async fn subscribe(c: &mut Client, device: &str) -> Value {
+    c.send(json!({"type":"subscribe","correlationID":"sub-1","payload":{"deviceID":device}}))
+        .await;
+    let v = c.recv().await;
+    assert_eq!(v["type"], "subscribed", "{v}");
+    v
+}

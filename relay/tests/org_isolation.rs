@@ -1,0 +1,74 @@
+//! Routing never crosses organisations, and targets that are unknown or offline are named.
+
+mod common;
+use common::*;
+use relay::store::OperatorRole;
+use serde_json::json;
+
+#[tokio::test]
+async fn a_pilot_of_org_b_cannot_reach_org_a_devices() {
+    let r = start_relay().await;
+    r.create_org("org-b");
+    let secret = r.create_device("boat-a", "default");
+    let kb = r.create_operator("bob", "org-b", OperatorRole::Admin);
+    let mut dev = r.device("boat-a", &secret).await;
+    let mut b = r.operator(&kb).await;
+
+    b.send(json!({"type":"subscribe","correlationID":"s","payload":{"deviceID":"boat-a"}}))
+        .await;
+    let e = b.recv().await;
+    assert_eq!(e["payload"]["code"], "unknown_target", "{e}");
+    assert_eq!(e["correlationID"], "s");
+    b.send(json!({"type":"execute_command","correlationID":"c","clientID":"boat-a","payload":{"command":"ls"}})).await;
+    assert_eq!(b.recv().await["payload"]["code"], "unknown_target");
+    b.send(json!({"type":"webrtc","clientID":"boat-a","payload":{"subtype":"offer","sdp":"v=0"}}))
+        .await;
+    assert_eq!(b.recv().await["payload"]["code"], "unknown_target");
+    // The device never saw any of it.
+    dev.telemetry(1, now_ms(), json!({})).await;
+    assert!(
+        dev.try_recv(std::time::Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    // And org B's device list does not show it.
+    let list: serde_json::Value = reqwest::Client::new()
+        .get(r.http("/api/devices"))
+        .bearer_auth(&kb)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["devices"].as_array().unwrap().len(), 0);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_and_offline_targets_are_named() {
+    let r = start_relay().await;
+    r.create_device("boat-1", "default");
+    let key = r.create_operator("ana", "default", OperatorRole::Pilot);
+    let mut p = r.operator(&key).await;
+    p.send(json!({"type":"execute_command","correlationID":"c1","clientID":"nope","payload":{"command":"ls"}})).await;
+    let e = p.recv().await;
+    assert_eq!(e["payload"]["code"], "unknown_target");
+    assert_eq!(e["correlationID"], "c1");
+    p.send(json!({"type":"execute_command","correlationID":"c2","clientID":"boat-1","payload":{"command":"ls"}})).await;
+    let e = p.recv().await;
+    assert_eq!(e["payload"]["code"], "target_offline");
+    assert_eq!(e["correlationID"], "c2");
+    let list: serde_json::Value = reqwest::Client::new()
+        .get(r.http("/api/devices"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["devices"][0]["id"], "boat-1");
+    assert_eq!(list["devices"][0]["online"], false);
+    r.stop().await;
+}
