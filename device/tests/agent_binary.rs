@@ -25,7 +25,10 @@ async fn start(dir: &std::path::Path, port: u16) -> relay::RunningRelay {
     .unwrap()
 }
 
-async fn pilot(addr: std::net::SocketAddr, key: &str) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+async fn pilot(
+    addr: std::net::SocketAddr,
+    key: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
     let t: Value = reqwest::Client::new()
         .post(format!("http://{addr}/api/auth/ws-ticket"))
         .bearer_auth(key)
@@ -35,19 +38,34 @@ async fn pilot(addr: std::net::SocketAddr, key: &str) -> tokio_tungstenite::WebS
         .json()
         .await
         .unwrap();
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/admin?ticket={}", t["ticket"].as_str().unwrap()))
-        .await
-        .unwrap();
-    ws.send(Message::Text(json!({"type":"subscribe","payload":{"deviceID":"boat-7","replay":false}}).to_string().into()))
-        .await
-        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/ws/admin?ticket={}",
+        t["ticket"].as_str().unwrap()
+    ))
+    .await
+    .unwrap();
+    ws.send(Message::Text(
+        json!({"type":"subscribe","payload":{"deviceID":"boat-7","replay":false}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
     ws
 }
 
 /// The next live telemetry frame.
-async fn frame(ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>) -> Value {
+async fn frame(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Value {
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("telemetry in time").unwrap().unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("telemetry in time")
+            .unwrap()
+            .unwrap();
         if let Message::Text(t) = m {
             let v: Value = serde_json::from_str(&t).unwrap();
             if v["type"] == "telemetry" {
@@ -57,7 +75,11 @@ async fn frame(ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::Ma
     }
 }
 
-fn write_config(dir: &std::path::Path, addr: std::net::SocketAddr, secret: &str) -> std::path::PathBuf {
+fn write_config(
+    dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+    secret: &str,
+) -> std::path::PathBuf {
     let path = dir.join("config.yaml");
     std::fs::write(
         &path,
@@ -92,8 +114,16 @@ async fn agent_publishes_with_clock_sync_and_survives_a_relay_restart() {
     let mut p = pilot(addr, &key).await;
     let first = frame(&mut p).await;
     assert_eq!(first["from"], "boat-7");
-    assert!(first["payload"]["data"]["gps"]["latitude"].as_f64().unwrap() > 37.0);
-    assert!(first["payload"]["epoch"].is_string(), "the agent sends its boot epoch");
+    assert!(
+        first["payload"]["data"]["gps"]["latitude"]
+            .as_f64()
+            .unwrap()
+            > 37.0
+    );
+    assert!(
+        first["payload"]["epoch"].is_string(),
+        "the agent sends its boot epoch"
+    );
     // Within a couple of seconds the relay has synced clocks with the agent.
     let mut synced = None;
     for _ in 0..60 {
@@ -108,7 +138,10 @@ async fn agent_publishes_with_clock_sync_and_survives_a_relay_restart() {
     assert_eq!(rel["verdict"], "ok");
     // Same host, same clock: the offset is small and the age is small and non-negative-ish.
     assert!(rel["clockOffsetMs"].as_f64().unwrap().abs() < 50.0, "{rel}");
-    assert!(rel["ageMs"].as_f64().unwrap() > -50.0 && rel["ageMs"].as_f64().unwrap() < 2_000.0, "{rel}");
+    assert!(
+        rel["ageMs"].as_f64().unwrap() > -50.0 && rel["ageMs"].as_f64().unwrap() < 2_000.0,
+        "{rel}"
+    );
     let last_seq = f["payload"]["sequence"].as_u64().unwrap();
 
     // Restart the relay on the same port: the agent reconnects by itself and continues its
@@ -120,8 +153,14 @@ async fn agent_publishes_with_clock_sync_and_survives_a_relay_restart() {
     let after = frame(&mut p).await;
     assert!(after["payload"]["sequence"].as_u64().unwrap() > last_seq);
     assert_eq!(after["payload"]["epoch"], first["payload"]["epoch"]);
-    assert_eq!(after["payload"]["relay"]["verdict"], "ok", "no gap: frames are only produced while connected");
-    assert!(agent.try_wait().unwrap().is_none(), "the agent is still running");
+    assert_eq!(
+        after["payload"]["relay"]["verdict"], "ok",
+        "no gap: frames are only produced while connected"
+    );
+    assert!(
+        agent.try_wait().unwrap().is_none(),
+        "the agent is still running"
+    );
     agent.kill().await.unwrap();
     running.shutdown(Duration::from_secs(5)).await;
 }
@@ -130,11 +169,18 @@ async fn agent_publishes_with_clock_sync_and_survives_a_relay_restart() {
 async fn refused_credentials_exit_with_code_3_and_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(dir.path(), 0).await;
-    running.relay.store.call_sync(|c| relay::auth::issue_device_sync(c, "boat-7", "default", "Boat 7").map(|_| ())).unwrap();
+    running
+        .relay
+        .store
+        .call_sync(|c| relay::auth::issue_device_sync(c, "boat-7", "default", "Boat 7").map(|_| ()))
+        .unwrap();
     let config = write_config(dir.path(), running.addr, "wrong-secret");
     let out = tokio::time::timeout(
         Duration::from_secs(30),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device")).arg("--config").arg(&config).output(),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
+            .arg("--config")
+            .arg(&config)
+            .output(),
     )
     .await
     .expect("the agent gives up instead of retrying forever")
@@ -150,11 +196,26 @@ async fn check_subcommand_reports_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, "serverAddress: \"http://relay/ws\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-device")).args(["check", "--config"]).arg(&path).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("serverAddress") && err.contains("scheme"), "{err}");
-    std::fs::write(&path, "serverAddress: \"ws://relay:8000/ws\"\nclientID: a\nclientSecret: b\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-device")).args(["check", "--config"]).arg(&path).output().unwrap();
+    assert!(
+        err.contains("serverAddress") && err.contains("scheme"),
+        "{err}"
+    );
+    std::fs::write(
+        &path,
+        "serverAddress: \"ws://relay:8000/ws\"\nclientID: a\nclientSecret: b\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(out.status.success());
 }

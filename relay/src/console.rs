@@ -5,6 +5,7 @@ use warp::http::{HeaderValue, Response, StatusCode, header};
 
 #[derive(RustEmbed)]
 #[folder = "../client-web/"]
+#[exclude = "e2e/*"]
 struct Assets;
 
 /// Serves `path` from the embedded console, `index.html` for `/`. Unknown paths get 404.

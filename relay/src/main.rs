@@ -28,6 +28,9 @@ struct Cli {
 enum Command {
     /// Run the relay (the default).
     Serve,
+    /// Create the store if needed and, on an empty one, the `default` organisation and the
+    /// `admin` operator (key from TETHER_ADMIN_KEY, or generated and printed once). Then exit.
+    Init,
     /// Organisations.
     #[command(subcommand)]
     Org(OrgCmd),
@@ -135,7 +138,7 @@ fn manage(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
     let json = cli.json;
     store.call_sync(|c| -> Result<(), relay::store::StoreError> {
         match cmd {
-            Command::Serve => unreachable!("handled by main"),
+            Command::Serve | Command::Init => unreachable!("handled by main"),
             Command::Org(OrgCmd::Create { name }) => {
                 q::create_org(c, name, name)?;
                 print_secret(json, serde_json::json!({"org": name}), format!("Created organisation {name:?}."));
@@ -210,6 +213,19 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match &cli.command {
         None | Some(Command::Serve) => {}
+        Some(Command::Init) => {
+            let store = Store::open(&cli.config.db_path()).context("opening the store")?;
+            let b = relay::server::bootstrap(&store, cli.config.admin_key.as_deref())
+                .context("initialising the store")?;
+            print_bootstrap(b.as_ref());
+            if b.is_none() {
+                eprintln!(
+                    "The store at {} is already initialised.",
+                    cli.config.db_path().display()
+                );
+            }
+            return Ok(());
+        }
         Some(cmd) => return manage(&cli, cmd),
     }
     init_logging(&cli.config.log_level);
@@ -219,7 +235,16 @@ async fn main() -> anyhow::Result<()> {
     let running = relay::start(cli.config.clone())
         .await
         .context("starting the relay")?;
-    if let Some(b) = &running.bootstrap {
+    print_bootstrap(running.bootstrap.as_ref());
+    println!("tether-relay listening on http://{}", running.addr);
+    shutdown_signal().await;
+    tracing::info!("shutting down: closing connections");
+    running.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+fn print_bootstrap(b: Option<&relay::server::Bootstrap>) {
+    if let Some(b) = b {
         match &b.generated_key {
             Some(key) => eprintln!(
                 "\n==================== FIRST START ====================\n\
@@ -235,9 +260,4 @@ async fn main() -> anyhow::Result<()> {
             ),
         }
     }
-    println!("tether-relay listening on http://{}", running.addr);
-    shutdown_signal().await;
-    tracing::info!("shutting down: closing connections");
-    running.shutdown(Duration::from_secs(5)).await;
-    Ok(())
 }
