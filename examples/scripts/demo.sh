@@ -51,6 +51,7 @@ cleanup() {
   echo; echo "demo: stopping"
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  exit 0
 }
 trap cleanup INT TERM EXIT
 
