@@ -14,7 +14,8 @@
 //!   simulator: true
 //! ```
 //!
-//! Keys the agent does not know are kept in `extra`, so writing the file back never loses them.
+//! Keys the agent does not know are kept in `extra`, so that when the agent writes the file back
+//! (after onboarding and config updates, with the agent work) nothing is lost.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -50,6 +50,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -64,7 +65,18 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         let (trigger, cancel) = device::link::tokio_util_shim::cancel_pair();
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            // Ctrl-C, or SIGTERM from systemd and friends: stop cleanly either way.
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
             trigger.cancel();
         });
         let mut agent = Agent::new(config);

@@ -6,9 +6,10 @@
 //! loop never waits on another connection: everything it produces for others is a non-blocking
 //! push into their outboxes.
 //!
-//! Close codes: 1000 normal, 1001 relay shutting down or idle timeout, 1003 binary before auth,
-//! 1008 policy (authentication failed, message before auth, slow consumer), 1009 message too
-//! big, 4409 replaced by a newer connection of the same device.
+//! Close codes: 1000 normal, 1001 relay shutting down or idle timeout, 1002 WebSocket protocol
+//! error, 1003 binary before auth, 1007 text frame not UTF-8, 1008 policy (authentication
+//! failed, message before auth, slow consumer), 1009 message too big, 4409 replaced by a newer
+//! connection of the same device.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -176,7 +177,7 @@ async fn authenticate(
                     None,
                 );
             };
-            verify_device(relay, &id, &secret, None).await.or_else(|| {
+            verify_device(relay, &id, &secret).await.or_else(|| {
                 fail(
                     ErrorCode::AuthFailed,
                     "invalid clientID or clientSecret",
@@ -239,14 +240,13 @@ async fn authenticate(
                             correlation_id,
                         );
                     };
-                    let corr = correlation_id.clone();
-                    verify_device(relay, &id, &a.client_secret, correlation_id)
+                    verify_device(relay, &id, &a.client_secret)
                         .await
                         .or_else(|| {
                             fail(
                                 ErrorCode::AuthFailed,
                                 "invalid clientID or clientSecret",
-                                corr,
+                                correlation_id,
                             )
                         })
                 }
@@ -277,12 +277,7 @@ async fn authenticate(
     }
 }
 
-async fn verify_device(
-    relay: &Relay,
-    id: &str,
-    secret: &str,
-    _corr: Option<String>,
-) -> Option<Identity> {
+async fn verify_device(relay: &Relay, id: &str, secret: &str) -> Option<Identity> {
     match auth::verify_device(&relay.store, &relay.hasher, id, secret).await {
         Ok(who) => Some(who),
         Err(auth::AuthError::Invalid) => None,
@@ -390,6 +385,10 @@ impl Session {
         self.push("auth_ok", Envelope::new(ok).to_json());
         if self.is_device() {
             relay.mark_seen(&id.id, crate::store::now_ms());
+            // The device may have rebooted with its clock stepped: old samples would keep
+            // describing the old clock until they left the window. The quick syncs after
+            // connecting rebuild the estimate within a second; until then frames carry no age.
+            relay.device_telemetry(&id.id).lock().clock = signaling::ClockSync::default();
         }
         let idle = relay.config.idle_timeout();
         loop {
@@ -611,7 +610,7 @@ impl Session {
                 }
             }
             Body::Subscribe(s) if role.is_operator() => {
-                if !self.same_org(&s.device_id, corr.clone()).await {
+                if !self.device_in_my_org(&s.device_id, corr.clone()).await {
                     return;
                 }
                 self.relay
@@ -665,6 +664,36 @@ impl Session {
                     ),
                     corr,
                 );
+            }
+        }
+    }
+
+    /// True if `device` is a device of the sender's org; otherwise answers `unknown_target`.
+    async fn device_in_my_org(&self, device: &str, corr: Option<String>) -> bool {
+        let id = device.to_owned();
+        let found = self
+            .relay
+            .store
+            .call(move |c| crate::store::q::device_credentials(c, &id))
+            .await;
+        match found {
+            Ok(Some((d, _))) if d.org_id == self.conn.identity.org => true,
+            Ok(_) => {
+                self.error(
+                    ErrorCode::UnknownTarget,
+                    format!("no device {device:?} in your organisation"),
+                    corr,
+                );
+                false
+            }
+            Err(e) => {
+                tracing::error!("device lookup failed: {e}");
+                self.error(
+                    ErrorCode::Internal,
+                    "the relay could not look up the device; try again",
+                    corr,
+                );
+                false
             }
         }
     }
@@ -761,6 +790,14 @@ impl Session {
                 return;
             }
         };
+        if self.relay.hub.role_of(&target_id) == Some(Role::Device) {
+            self.error(
+                ErrorCode::NotAllowed,
+                "devices answer operators; they cannot message other devices",
+                corr,
+            );
+            return;
+        }
         let text = Utf8Bytes::from(message::encode_routed(
             ty,
             corr.as_deref(),

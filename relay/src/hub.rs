@@ -76,6 +76,8 @@ pub trait Hub: Send + Sync + std::fmt::Debug {
     fn detach(&self, conn: &Conn);
     /// Whether `id` has a live connection.
     fn is_online(&self, id: &str) -> bool;
+    /// The role of a connected identity.
+    fn role_of(&self, id: &str) -> Option<Role>;
     /// Queues a control message on every connection of `target` in `org`.
     fn send_to(&self, org: &str, target: &str, text: Utf8Bytes) -> Delivery;
     /// Queues a control message on one connection, if it is still live.
@@ -195,6 +197,12 @@ impl Hub for LocalHub {
 
     fn is_online(&self, id: &str) -> bool {
         self.registry.read().by_identity.contains_key(id)
+    }
+
+    fn role_of(&self, id: &str) -> Option<Role> {
+        let reg = self.registry.read();
+        let conn = reg.by_identity.get(id)?.first()?;
+        reg.conns.get(conn).map(|c| c.identity.role)
     }
 
     fn send_to(&self, org: &str, target: &str, text: Utf8Bytes) -> Delivery {

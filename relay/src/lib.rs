@@ -151,7 +151,7 @@ impl Relay {
         }
     }
 
-    /// The org of a device or operator id: live connections first, then the store.
+    /// The org of a device or operator id, from the store.
     pub async fn org_of(&self, id: &str) -> Result<Option<String>, store::StoreError> {
         let id = id.to_owned();
         self.store

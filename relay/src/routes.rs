@@ -115,7 +115,8 @@ pub fn routes(
             match operator(&relay, h).await {
                 Ok(who) => {
                     let ticket = relay.tickets.issue(who, Instant::now());
-                    let ttl = relay.tickets.ttl().as_secs();
+                    // Whole seconds, rounded up so a sub-second TTL does not read as 0.
+                    let ttl = relay.tickets.ttl().as_secs_f64().ceil() as u64;
                     warp::reply::json(&json!({"ticket": ticket, "expiresIn": ttl})).into_response()
                 }
                 Err(r) => r,
@@ -160,15 +161,20 @@ pub fn routes(
         },
     );
 
-    let console =
-        warp::get()
-            .and(warp::path::full())
-            .and_then(|p: warp::path::FullPath| async move {
-                if p.as_str().starts_with("/api/") || !crate::console::has(p.as_str()) {
-                    return Err(warp::reject::not_found());
-                }
-                Ok(crate::console::serve(p.as_str()))
-            });
+    // Matches any method so that unknown paths are 404 (a GET-only filter would turn every
+    // non-GET request to an unknown path into a 405).
+    let console = warp::method().and(warp::path::full()).and_then(
+        |m: warp::http::Method, p: warp::path::FullPath| async move {
+            let path = p.as_str();
+            if m != warp::http::Method::GET
+                || path.starts_with("/api/")
+                || !crate::console::has(path)
+            {
+                return Err(warp::reject::not_found());
+            }
+            Ok(crate::console::serve(path))
+        },
+    );
 
     health
         .or(metrics)

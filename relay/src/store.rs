@@ -6,8 +6,8 @@
 //! code, not migrations of existing data.
 //!
 //! Every call runs on the blocking pool ([`Store::call`]), never on an async worker, so a slow
-//! disk stalls no connection. Nothing here is called per telemetry frame: presence and last-seen
-//! times are batched by the hub and written with [`Store::touch_devices`].
+//! disk stalls no connection. Nothing here is called per telemetry frame: last-seen times are
+//! batched in memory by [`crate::Relay`] and written every 10 s with [`Store::touch_devices`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -87,3 +87,25 @@ async fn unknown_paths_get_json_404_and_the_console_is_served() {
     assert!(resp.text().await.unwrap().contains("login-key"));
     r.stop().await;
 }
+
+#[tokio::test]
+async fn unknown_paths_are_404_for_every_method() {
+    let r = start_relay().await;
+    let c = reqwest::Client::new();
+    for resp in [
+        c.post(r.http("/nope")).send().await.unwrap(),
+        c.delete(r.http("/api/x")).send().await.unwrap(),
+    ] {
+        assert_eq!(resp.status(), 404);
+    }
+    // A known path with the wrong method is 405.
+    assert_eq!(
+        c.get(r.http("/api/auth/ws-ticket"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        405
+    );
+    r.stop().await;
+}

@@ -72,3 +72,29 @@ async fn unknown_and_offline_targets_are_named() {
     assert_eq!(list["devices"][0]["online"], false);
     r.stop().await;
 }
+
+#[tokio::test]
+async fn subscribing_to_an_operator_or_messaging_another_device_is_refused() {
+    let r = start_relay().await;
+    let s1 = r.create_device("boat-1", "default");
+    let s2 = r.create_device("boat-2", "default");
+    let key = r.create_operator("ana", "default", OperatorRole::Pilot);
+    let mut p = r.operator(&key).await;
+    p.send(json!({"type":"subscribe","payload":{"deviceID":"op-ana"}}))
+        .await;
+    assert_eq!(p.recv().await["payload"]["code"], "unknown_target");
+    let mut d1 = r.device("boat-1", &s1).await;
+    let mut d2 = r.device("boat-2", &s2).await;
+    d1.send(json!({"type":"webrtc","clientID":"boat-2","payload":{"subtype":"offer","sdp":"v=0"}}))
+        .await;
+    assert_eq!(
+        d1.recv_type("error").await["payload"]["code"],
+        "not_allowed"
+    );
+    assert!(
+        d2.try_recv(std::time::Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    r.stop().await;
+}

@@ -601,6 +601,13 @@ const EMPTY_OBJECT: &str = "{}";
 
 /// Reads the routing fields of `text`, leaving `payload` unparsed.
 pub fn decode_raw(text: &str) -> Result<RawEnvelope<'_>, DecodeError> {
+    // serde's derived struct visitors also accept arrays; a message must be an object.
+    if !text.trim_start().starts_with('{') {
+        return Err(DecodeError {
+            kind: DecodeErrorKind::MalformedJson("a message must be a JSON object".into()),
+            correlation_id: None,
+        });
+    }
     serde_json::from_str::<RawEnvelope<'_>>(text).map_err(|e| DecodeError {
         kind: DecodeErrorKind::MalformedJson(e.to_string()),
         correlation_id: None,
@@ -624,6 +631,11 @@ fn finish(raw: RawEnvelope<'_>) -> Result<Envelope, DecodeError> {
         .as_deref()
         .ok_or_else(|| fail(DecodeErrorKind::MissingType))?;
     let payload = raw.payload.map(RawValue::get).unwrap_or(EMPTY_OBJECT);
+    if !payload.starts_with('{') {
+        return Err(fail(DecodeErrorKind::InvalidPayload(
+            "payload must be a JSON object".into(),
+        )));
+    }
     let body = Body::from_parts(ty, payload).map_err(fail)?;
     Ok(Envelope {
         body,
@@ -697,9 +709,9 @@ pub fn decode_frame(text: &str) -> Result<Frame<'_>, DecodeError> {
             kind,
             correlation_id: raw.correlation_id.clone(),
         };
-        let payload = raw.payload.ok_or_else(|| {
+        let payload = raw.payload.filter(|p| p.get().starts_with('{')).ok_or_else(|| {
             fail(DecodeErrorKind::InvalidPayload(
-                "telemetry needs a payload".into(),
+                "telemetry needs a payload object".into(),
             ))
         })?;
         let header: TelemetryHeader<'_> = serde_json::from_str(payload.get())
@@ -791,6 +803,51 @@ pub fn encode_routed(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    mod robustness {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn check(text: &str) {
+            // Must return, never panic; a success must describe a JSON object.
+            if let Ok(Frame::Telemetry { payload, .. }) = decode_frame(text) {
+                let ann = TelemetryAnnotation {
+                    received_at: 0.0,
+                    stream: "s".into(),
+                    verdict: "ok".into(),
+                    missing: None,
+                    lost_total: 0,
+                    age_ms: None,
+                    clock_offset_ms: None,
+                    clock_uncertainty_ms: None,
+                    replay: false,
+                };
+                let out = encode_forwarded_telemetry("d", payload, &ann);
+                serde_json::from_str::<Value>(&out).expect("forwarded frame is JSON");
+                serde_json::from_str::<Value>(&mark_replay(&out)).expect("replay frame is JSON");
+            }
+            let _ = decode(text);
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #[test]
+            fn arbitrary_text_never_panics(s in ".{0,200}") {
+                check(&s);
+            }
+
+            #[test]
+            fn mutated_valid_frames_never_panic(idx in 0usize..23, cut in 0usize..400, insert in "[{}\\[\\]\",:0-9a-z ]{0,4}") {
+                let examples = examples();
+                let text = examples[idx % examples.len()].to_string();
+                let cut = cut.min(text.len());
+                let cut = (0..=cut).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+                let mutated = format!("{}{}{}", &text[..cut], insert, &text[cut..]);
+                check(&mutated);
+                check(&text[..cut]);
+            }
+        }
+    }
 
     #[test]
     fn replay_marking_keeps_the_frame_valid() {
@@ -904,6 +961,15 @@ mod tests {
     }
 
     #[test]
+    fn payloads_must_be_objects() {
+        let e =
+            decode(r#"{"type":"execute_command","clientID":"d","payload":["ls"]}"#).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidPayload);
+        // An explicit null is treated like an absent payload.
+        assert!(decode(r#"{"type":"ping","payload":null}"#).is_ok());
+    }
+
+    #[test]
     fn from_is_never_taken_from_the_client() {
         let env = decode(r#"{"type":"ping","from":"admin","payload":{}}"#).unwrap();
         assert_eq!(env.from, None);
@@ -966,6 +1032,12 @@ mod tests {
         assert_eq!(e.code(), ErrorCode::InvalidPayload);
         let e = decode_frame(r#"{"type":"telemetry","payload":[1]}"#).unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidPayload);
+        // A struct-shaped array must not pass for a payload object.
+        let e = decode_frame(r#"{"type":"telemetry","payload":[null,null,5,1.0]}"#).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidPayload);
+        let e =
+            decode_frame(r#"["telemetry",null,null,{"sequence":1,"timestamp":1}]"#).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::MalformedJson);
     }
 
     #[test]
