@@ -17,11 +17,7 @@ async fn error_code(c: &mut Client) -> String {
 #[tokio::test]
 async fn recoverable_bad_input_gets_errors_and_the_connection_lives_on() {
     let r = start_relay().await;
-    let secret = r.create_device("boat-1", "default");
-    let key = r.create_operator("ana", "default", OperatorRole::Pilot);
-    let mut dev = r.device("boat-1", &secret).await;
-    let mut pilot = r.operator(&key).await;
-    subscribe(&mut pilot, "boat-1").await;
+    let (mut dev, mut pilot) = r.boat_and_pilot().await;
 
     dev.send_text("{this is not json").await;
     assert_eq!(error_code(&mut dev).await, "malformed_json");

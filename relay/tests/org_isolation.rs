@@ -32,15 +32,7 @@ async fn a_pilot_of_org_b_cannot_reach_org_a_devices() {
             .is_none()
     );
     // And org B's device list does not show it.
-    let list: serde_json::Value = reqwest::Client::new()
-        .get(r.http("/api/devices"))
-        .bearer_auth(&kb)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, list) = r.get_json("/api/devices", Some(&kb)).await;
     assert_eq!(list["devices"].as_array().unwrap().len(), 0);
     r.stop().await;
 }
@@ -59,15 +51,7 @@ async fn unknown_and_offline_targets_are_named() {
     let e = p.recv().await;
     assert_eq!(e["payload"]["code"], "target_offline");
     assert_eq!(e["correlationID"], "c2");
-    let list: serde_json::Value = reqwest::Client::new()
-        .get(r.http("/api/devices"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, list) = r.get_json("/api/devices", Some(&key)).await;
     assert_eq!(list["devices"][0]["id"], "boat-1");
     assert_eq!(list["devices"][0]["online"], false);
     r.stop().await;

@@ -8,11 +8,7 @@ use serde_json::json;
 #[tokio::test]
 async fn skipped_sequence_is_reported_as_gap_and_counted() {
     let r = start_relay().await;
-    let secret = r.create_device("boat-1", "default");
-    let key = r.create_operator("ana", "default", OperatorRole::Pilot);
-    let mut dev = r.device("boat-1", &secret).await;
-    let mut p = r.operator(&key).await;
-    subscribe(&mut p, "boat-1").await;
+    let (mut dev, mut p) = r.boat_and_pilot().await;
 
     for seq in [1u64, 2, 5, 5, 4, 6] {
         dev.telemetry(seq, now_ms(), json!({})).await;
@@ -57,11 +53,7 @@ async fn skipped_sequence_is_reported_as_gap_and_counted() {
 #[tokio::test]
 async fn streams_are_checked_separately_and_epoch_change_is_a_reset() {
     let r = start_relay().await;
-    let secret = r.create_device("boat-1", "default");
-    let key = r.create_operator("ana", "default", OperatorRole::Pilot);
-    let mut dev = r.device("boat-1", &secret).await;
-    let mut p = r.operator(&key).await;
-    subscribe(&mut p, "boat-1").await;
+    let (mut dev, mut p) = r.boat_and_pilot().await;
     let frame = |stream: &str, seq: u64, epoch: &str| json!({"type":"telemetry","payload":{"stream":stream,"sequence":seq,"timestamp":now_ms(),"epoch":epoch,"data":{}}});
     dev.send(frame("gps", 10, "a")).await;
     dev.send(frame("imu", 500, "a")).await;

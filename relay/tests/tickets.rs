@@ -30,15 +30,7 @@ async fn a_ticket_cannot_be_reused() {
 #[tokio::test]
 async fn an_expired_ticket_is_refused() {
     let r = start_relay_with(|c| c.ticket_ttl = 0.3).await;
-    let resp: serde_json::Value = reqwest::Client::new()
-        .post(r.http("/api/auth/ws-ticket"))
-        .bearer_auth(&r.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, resp) = r.post_json("/api/auth/ws-ticket", Some(&r.admin_key)).await;
     assert_eq!(
         resp["expiresIn"], 1,
         "expiresIn is whole seconds, rounded up"
@@ -54,15 +46,7 @@ async fn an_expired_ticket_is_refused() {
 #[tokio::test]
 async fn default_ticket_lifetime_is_30_seconds() {
     let r = start_relay().await;
-    let resp: serde_json::Value = reqwest::Client::new()
-        .post(r.http("/api/auth/ws-ticket"))
-        .bearer_auth(&r.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, resp) = r.post_json("/api/auth/ws-ticket", Some(&r.admin_key)).await;
     assert_eq!(resp["expiresIn"], 30);
     r.stop().await;
 }

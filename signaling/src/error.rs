@@ -49,6 +49,29 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (for metrics and documentation).
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::MalformedJson,
+        ErrorCode::UnknownType,
+        ErrorCode::InvalidPayload,
+        ErrorCode::BinaryNotSupported,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::NotAuthenticated,
+        ErrorCode::AuthFailed,
+        ErrorCode::AuthTimeout,
+        ErrorCode::InvalidTicket,
+        ErrorCode::InvalidHandshakeKey,
+        ErrorCode::UnknownTarget,
+        ErrorCode::TargetOffline,
+        ErrorCode::Forbidden,
+        ErrorCode::NotAllowed,
+        ErrorCode::RateLimited,
+        ErrorCode::SlowConsumer,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Replaced,
+        ErrorCode::Internal,
+    ];
+
     /// The wire name, e.g. `"unknown_target"`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -87,28 +110,8 @@ mod tests {
 
     #[test]
     fn wire_names_match_serde() {
-        for code in [
-            ErrorCode::MalformedJson,
-            ErrorCode::UnknownType,
-            ErrorCode::InvalidPayload,
-            ErrorCode::BinaryNotSupported,
-            ErrorCode::FrameTooLarge,
-            ErrorCode::NotAuthenticated,
-            ErrorCode::AuthFailed,
-            ErrorCode::AuthTimeout,
-            ErrorCode::InvalidTicket,
-            ErrorCode::InvalidHandshakeKey,
-            ErrorCode::UnknownTarget,
-            ErrorCode::TargetOffline,
-            ErrorCode::Forbidden,
-            ErrorCode::NotAllowed,
-            ErrorCode::RateLimited,
-            ErrorCode::SlowConsumer,
-            ErrorCode::ShuttingDown,
-            ErrorCode::Replaced,
-            ErrorCode::Internal,
-        ] {
-            let json = serde_json::to_string(&code).unwrap();
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
         }
     }

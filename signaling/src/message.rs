@@ -709,11 +709,14 @@ pub fn decode_frame(text: &str) -> Result<Frame<'_>, DecodeError> {
             kind,
             correlation_id: raw.correlation_id.clone(),
         };
-        let payload = raw.payload.filter(|p| p.get().starts_with('{')).ok_or_else(|| {
-            fail(DecodeErrorKind::InvalidPayload(
-                "telemetry needs a payload object".into(),
-            ))
-        })?;
+        let payload = raw
+            .payload
+            .filter(|p| p.get().starts_with('{'))
+            .ok_or_else(|| {
+                fail(DecodeErrorKind::InvalidPayload(
+                    "telemetry needs a payload object".into(),
+                ))
+            })?;
         let header: TelemetryHeader<'_> = serde_json::from_str(payload.get())
             .map_err(|e| fail(DecodeErrorKind::InvalidPayload(e.to_string())))?;
         if header.relay.is_some() {

@@ -94,6 +94,36 @@ impl TestRelay {
             .unwrap()
     }
 
+    /// `GET path` with an optional bearer key: status and JSON body.
+    pub async fn get_json(&self, path: &str, key: Option<&str>) -> (u16, Value) {
+        let mut req = reqwest::Client::new().get(self.http(path));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    /// `POST path` (empty body) with an optional bearer key: status and JSON body.
+    pub async fn post_json(&self, path: &str, key: Option<&str>) -> (u16, Value) {
+        let mut req = reqwest::Client::new().post(self.http(path));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    /// The common scene: device `boat-1` connected and pilot `ana` subscribed to it.
+    pub async fn boat_and_pilot(&self) -> (Client, Client) {
+        let secret = self.create_device("boat-1", "default");
+        let key = self.create_operator("ana", "default", OperatorRole::Pilot);
+        let dev = self.device("boat-1", &secret).await;
+        let mut pilot = self.operator(&key).await;
+        subscribe(&mut pilot, "boat-1").await;
+        (dev, pilot)
+    }
+
     pub async fn ticket(&self, api_key: &str) -> String {
         let r = reqwest::Client::new()
             .post(self.http("/api/auth/ws-ticket"))
