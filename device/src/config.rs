@@ -76,10 +76,7 @@ fn yes() -> bool {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig {
-            rate_hz: default_rate(),
-            simulator: true,
-        }
+        TelemetryConfig { rate_hz: default_rate(), simulator: true }
     }
 }
 
@@ -123,10 +120,8 @@ fn default_log_level() -> String {
 impl Config {
     /// Parses YAML text; `path` is only used in messages.
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
-        let c: Config = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        let c: Config = serde_norway::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         c.validate(path)?;
         Ok(c)
     }
@@ -134,42 +129,24 @@ impl Config {
     /// Reads and parses a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: p.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
         Config::parse(&text, &p)
     }
 
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        let bad = |field, message: String| {
-            Err(ConfigError::Invalid {
-                path: path.into(),
-                field,
-                message,
-            })
-        };
+        let bad = |field, message: String| Err(ConfigError::Invalid { path: path.into(), field, message });
         match url::Url::parse(&self.server_address) {
             Ok(u) if u.scheme() == "ws" || u.scheme() == "wss" => {}
             Ok(u) => {
-                return bad(
-                    "serverAddress",
-                    format!("scheme must be ws or wss, not {:?}", u.scheme()),
-                );
+                return bad("serverAddress", format!("scheme must be ws or wss, not {:?}", u.scheme()));
             }
             Err(e) => return bad("serverAddress", format!("{e}: {:?}", self.server_address)),
         }
         if self.client_id.is_empty() != self.client_secret.is_empty() {
-            return bad(
-                "clientSecret",
-                "clientID and clientSecret must both be set, or both empty".into(),
-            );
+            return bad("clientSecret", "clientID and clientSecret must both be set, or both empty".into());
         }
         if !(self.telemetry.rate_hz > 0.0 && self.telemetry.rate_hz <= 1000.0) {
-            return bad(
-                "telemetry.rateHz",
-                format!("must be between 0 and 1000, got {}", self.telemetry.rate_hz),
-            );
+            return bad("telemetry.rateHz", format!("must be between 0 and 1000, got {}", self.telemetry.rate_hz));
         }
         Ok(())
     }

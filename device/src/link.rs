@@ -33,10 +33,7 @@ pub enum AgentError {
 
 /// Device wall clock, ms since the Unix epoch, with sub-millisecond precision.
 pub fn now_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or(0.0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
 }
 
 /// Minimal cancellation without pulling in tokio-util: a watch channel.
@@ -97,20 +94,13 @@ impl Agent {
     /// An agent for `config`.
     pub fn new(config: Config) -> Self {
         let epoch = format!("{:08x}", rand::rng().random::<u32>());
-        Agent {
-            config,
-            epoch,
-            sequence: 0,
-            boat: Boat::default(),
-            last_step: Instant::now(),
-        }
+        Agent { config, epoch, sequence: 0, boat: Boat::default(), last_step: Instant::now() }
     }
 
     fn url(&self) -> Result<url::Url, AgentError> {
         let mut u = url::Url::parse(&self.config.server_address)
             .map_err(|e| AgentError::Config(format!("serverAddress: {e}")))?;
-        u.query_pairs_mut()
-            .append_pair("clientID", &self.config.client_id);
+        u.query_pairs_mut().append_pair("clientID", &self.config.client_id);
         Ok(u)
     }
 
@@ -152,25 +142,18 @@ impl Agent {
 
     async fn session(&mut self) -> Result<(), SessionEnd> {
         let url = self.url().map_err(|e| SessionEnd::Lost(e.to_string()))?;
-        let mut req = url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| SessionEnd::Lost(e.to_string()))?;
-        let bearer = HeaderValue::from_str(&format!("Bearer {}", self.config.client_secret))
-            .map_err(|_| {
-                SessionEnd::Refused(
-                    ErrorCode::AuthFailed,
-                    "clientSecret contains characters not allowed in a header".into(),
-                )
-            })?;
+        let mut req = url.as_str().into_client_request().map_err(|e| SessionEnd::Lost(e.to_string()))?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {}", self.config.client_secret)).map_err(|_| {
+            SessionEnd::Refused(
+                ErrorCode::AuthFailed,
+                "clientSecret contains characters not allowed in a header".into(),
+            )
+        })?;
         req.headers_mut().insert("authorization", bearer);
-        let (ws, _) = tokio::time::timeout(
-            Duration::from_secs(15),
-            tokio_tungstenite::connect_async(req),
-        )
-        .await
-        .map_err(|_| SessionEnd::Lost("connect timed out".into()))?
-        .map_err(|e| SessionEnd::Lost(format!("connect to {}: {e}", self.config.server_address)))?;
+        let (ws, _) = tokio::time::timeout(Duration::from_secs(15), tokio_tungstenite::connect_async(req))
+            .await
+            .map_err(|_| SessionEnd::Lost("connect timed out".into()))?
+            .map_err(|e| SessionEnd::Lost(format!("connect to {}: {e}", self.config.server_address)))?;
         let (mut tx, mut rx) = ws.split();
 
         // The relay answers auth_ok or error first.
@@ -179,31 +162,22 @@ impl Agent {
             .map_err(|_| SessionEnd::Lost("no answer to authentication".into()))?;
         let ping_interval = match first {
             Some(Ok(Message::Text(t))) => match message::decode(&t) {
-                Ok(Envelope {
-                    body: Body::AuthOk(ok),
-                    ..
-                }) => {
+                Ok(Envelope { body: Body::AuthOk(ok), .. }) => {
                     tracing::info!(client_id = %ok.client_id, org = %ok.org, "authenticated with the relay");
                     Duration::from_millis(ok.ping_interval_ms.max(100))
                 }
-                Ok(Envelope {
-                    body: Body::Error(e),
-                    ..
-                }) if matches!(e.code, ErrorCode::AuthFailed | ErrorCode::Forbidden) => {
+                Ok(Envelope { body: Body::Error(e), .. })
+                    if matches!(e.code, ErrorCode::AuthFailed | ErrorCode::Forbidden) =>
+                {
                     return Err(SessionEnd::Refused(e.code, e.message));
                 }
                 Ok(other) => {
-                    return Err(SessionEnd::Lost(format!(
-                        "unexpected first message {:?}",
-                        other.body.type_name()
-                    )));
+                    return Err(SessionEnd::Lost(format!("unexpected first message {:?}", other.body.type_name())));
                 }
                 Err(e) => return Err(SessionEnd::Lost(format!("unreadable first message: {e}"))),
             },
             other => {
-                return Err(SessionEnd::Lost(format!(
-                    "link closed during authentication: {other:?}"
-                )));
+                return Err(SessionEnd::Lost(format!("link closed during authentication: {other:?}")));
             }
         };
         // A link that is silent for three ping periods (the relay pings every period) is dead.
@@ -245,8 +219,7 @@ impl Agent {
 
     fn next_frame(&mut self) -> String {
         let now = Instant::now();
-        self.boat
-            .step(now.duration_since(self.last_step).as_secs_f64());
+        self.boat.step(now.duration_since(self.last_step).as_secs_f64());
         self.last_step = now;
         let t = now_ms().floor();
         let frame = Telemetry {
@@ -276,18 +249,11 @@ impl Agent {
         let corr = env.correlation_id.clone();
         match env.body {
             Body::TimeSync(s) => {
-                let r = TimeSyncResponse {
-                    t1: s.t1,
-                    t2: recv_ms,
-                    t3: now_ms(),
-                };
+                let r = TimeSyncResponse { t1: s.t1, t2: recv_ms, t3: now_ms() };
                 Some(Envelope::new(r).to_json())
             }
             Body::Ping(p) => {
-                let mut e = Envelope::new(Pong {
-                    t: p.t,
-                    relay_time: Some(now_ms()),
-                });
+                let mut e = Envelope::new(Pong { t: p.t, relay_time: Some(now_ms()) });
                 e.correlation_id = corr;
                 Some(e.to_json())
             }
@@ -295,7 +261,8 @@ impl Agent {
                 tracing::warn!(code = %e.code, "relay reported an error: {}", e.message);
                 None
             }
-            Body::Pong(_) | Body::AuthOk(_) => None,
+            // Relay events this agent version does not act on yet.
+            Body::Pong(_) | Body::AuthOk(_) | Body::LeaseState(_) | Body::Presence(_) | Body::Ack(_) => None,
             other => {
                 // Requests this agent version cannot serve get an explicit refusal, not silence.
                 let ty = other.type_name();

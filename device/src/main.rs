@@ -11,13 +11,7 @@ use device::{Agent, AgentError, Config};
 #[command(name = "tether-device", version, about)]
 struct Cli {
     /// The agent's config.yaml.
-    #[arg(
-        long,
-        short,
-        env = "TETHER_DEVICE_CONFIG",
-        default_value = "config.yaml",
-        global = true
-    )]
+    #[arg(long, short, env = "TETHER_DEVICE_CONFIG", default_value = "config.yaml", global = true)]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -52,10 +46,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tether-device: cannot start the runtime: {e}");

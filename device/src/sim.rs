@@ -28,12 +28,7 @@ pub struct Boat {
 
 impl Default for Boat {
     fn default() -> Self {
-        let waypoints = vec![
-            (37.8080, -122.4177),
-            (37.8120, -122.4300),
-            (37.8190, -122.4220),
-            (37.8140, -122.4100),
-        ];
+        let waypoints = vec![(37.8080, -122.4177), (37.8120, -122.4300), (37.8190, -122.4220), (37.8140, -122.4100)];
         Boat {
             latitude: waypoints[0].0,
             longitude: waypoints[0].1,

@@ -38,16 +38,12 @@ async fn pilot(
         .json()
         .await
         .unwrap();
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
-        "ws://{addr}/ws/admin?ticket={}",
-        t["ticket"].as_str().unwrap()
-    ))
-    .await
-    .unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/admin?ticket={}", t["ticket"].as_str().unwrap()))
+            .await
+            .unwrap();
     ws.send(Message::Text(
-        json!({"type":"subscribe","payload":{"deviceID":"boat-7","replay":false}})
-            .to_string()
-            .into(),
+        json!({"type":"subscribe","payload":{"deviceID":"boat-7","replay":false}}).to_string().into(),
     ))
     .await
     .unwrap();
@@ -56,9 +52,7 @@ async fn pilot(
 
 /// The next live telemetry frame.
 async fn frame(
-    ws: &mut tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
 ) -> Value {
     loop {
         let m = tokio::time::timeout(Duration::from_secs(20), ws.next())
@@ -75,11 +69,7 @@ async fn frame(
     }
 }
 
-fn write_config(
-    dir: &std::path::Path,
-    addr: std::net::SocketAddr,
-    secret: &str,
-) -> std::path::PathBuf {
+fn write_config(dir: &std::path::Path, addr: std::net::SocketAddr, secret: &str) -> std::path::PathBuf {
     let path = dir.join("config.yaml");
     std::fs::write(
         &path,
@@ -114,16 +104,8 @@ async fn agent_publishes_with_clock_sync_and_survives_a_relay_restart() {
     let mut p = pilot(addr, &key).await;
     let first = frame(&mut p).await;
     assert_eq!(first["from"], "boat-7");
-    assert!(
-        first["payload"]["data"]["gps"]["latitude"]
-            .as_f64()
-            .unwrap()
-            > 37.0
-    );
-    assert!(
-        first["payload"]["epoch"].is_string(),
-        "the agent sends its boot epoch"
-    );
+    assert!(first["payload"]["data"]["gps"]["latitude"].as_f64().unwrap() > 37.0);
+    assert!(first["payload"]["epoch"].is_string(), "the agent sends its boot epoch");
     // Within a couple of seconds the relay has synced clocks with the agent.
     let mut synced = None;
     for _ in 0..60 {
@@ -138,10 +120,7 @@ async fn agent_publishes_with_clock_sync_and_survives_a_relay_restart() {
     assert_eq!(rel["verdict"], "ok");
     // Same host, same clock: the offset is small and the age is small and non-negative-ish.
     assert!(rel["clockOffsetMs"].as_f64().unwrap().abs() < 50.0, "{rel}");
-    assert!(
-        rel["ageMs"].as_f64().unwrap() > -50.0 && rel["ageMs"].as_f64().unwrap() < 2_000.0,
-        "{rel}"
-    );
+    assert!(rel["ageMs"].as_f64().unwrap() > -50.0 && rel["ageMs"].as_f64().unwrap() < 2_000.0, "{rel}");
     let last_seq = f["payload"]["sequence"].as_u64().unwrap();
 
     // Restart the relay on the same port: the agent reconnects by itself and continues its
@@ -153,14 +132,8 @@ async fn agent_publishes_with_clock_sync_and_survives_a_relay_restart() {
     let after = frame(&mut p).await;
     assert!(after["payload"]["sequence"].as_u64().unwrap() > last_seq);
     assert_eq!(after["payload"]["epoch"], first["payload"]["epoch"]);
-    assert_eq!(
-        after["payload"]["relay"]["verdict"], "ok",
-        "no gap: frames are only produced while connected"
-    );
-    assert!(
-        agent.try_wait().unwrap().is_none(),
-        "the agent is still running"
-    );
+    assert_eq!(after["payload"]["relay"]["verdict"], "ok", "no gap: frames are only produced while connected");
+    assert!(agent.try_wait().unwrap().is_none(), "the agent is still running");
     agent.kill().await.unwrap();
     running.shutdown(Duration::from_secs(5)).await;
 }
@@ -177,10 +150,7 @@ async fn refused_credentials_exit_with_code_3_and_a_clear_message() {
     let config = write_config(dir.path(), running.addr, "wrong-secret");
     let out = tokio::time::timeout(
         Duration::from_secs(30),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
-            .arg("--config")
-            .arg(&config)
-            .output(),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device")).arg("--config").arg(&config).output(),
     )
     .await
     .expect("the agent gives up instead of retrying forever")
@@ -203,15 +173,8 @@ async fn check_subcommand_reports_what_is_wrong() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("serverAddress") && err.contains("scheme"),
-        "{err}"
-    );
-    std::fs::write(
-        &path,
-        "serverAddress: \"ws://relay:8000/ws\"\nclientID: a\nclientSecret: b\n",
-    )
-    .unwrap();
+    assert!(err.contains("serverAddress") && err.contains("scheme"), "{err}");
+    std::fs::write(&path, "serverAddress: \"ws://relay:8000/ws\"\nclientID: a\nclientSecret: b\n").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
         .args(["check", "--config"])
         .arg(&path)

@@ -41,9 +41,7 @@ struct Args {
 }
 
 fn fmt_ms(v: &Value) -> String {
-    v.as_f64()
-        .map(|x| format!("{x:.1}ms"))
-        .unwrap_or_else(|| "—".into())
+    v.as_f64().map(|x| format!("{x:.1}ms")).unwrap_or_else(|| "—".into())
 }
 
 fn summary(f: &Value) -> String {
@@ -53,10 +51,7 @@ fn summary(f: &Value) -> String {
         Some(n) => format!("{} ({n} missing)", r["verdict"].as_str().unwrap_or("?")),
         None => r["verdict"].as_str().unwrap_or("?").to_owned(),
     };
-    let offset = match (
-        r["clockOffsetMs"].as_f64(),
-        r["clockUncertaintyMs"].as_f64(),
-    ) {
+    let offset = match (r["clockOffsetMs"].as_f64(), r["clockUncertaintyMs"].as_f64()) {
         (Some(o), Some(u)) => format!("{o:.1}±{u:.1}ms"),
         _ => "—".into(),
     };
@@ -90,24 +85,15 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot reach the relay at {base}"))?;
     let status = resp.status();
-    let body: Value = resp
-        .json()
-        .await
-        .context("the relay's answer is not JSON")?;
+    let body: Value = resp.json().await.context("the relay's answer is not JSON")?;
     if !status.is_success() {
-        bail!(
-            "ticket refused ({status}): {}",
-            body["error"]["message"]
-                .as_str()
-                .unwrap_or("no reason given")
-        );
+        bail!("ticket refused ({status}): {}", body["error"]["message"].as_str().unwrap_or("no reason given"));
     }
     let ticket = body["ticket"].as_str().context("no ticket in the answer")?;
     let ws_base = base.replacen("http", "ws", 1);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("{ws_base}/ws/admin?ticket={ticket}"))
-            .await
-            .context("opening /ws/admin")?;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}/ws/admin?ticket={ticket}"))
+        .await
+        .context("opening /ws/admin")?;
     ws.send(Message::Text(
         json!({"type":"subscribe","correlationID":"sub-1","payload":{"deviceID":args.device,"replay":!args.no_replay}})
             .to_string()
@@ -134,10 +120,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let v: Value = serde_json::from_str(&text).context("relay sent invalid JSON")?;
         match v["type"].as_str() {
-            Some("auth_ok") => eprintln!(
-                "connected as {} ({})",
-                v["payload"]["clientID"], v["payload"]["role"]
-            ),
+            Some("auth_ok") => eprintln!("connected as {} ({})", v["payload"]["clientID"], v["payload"]["role"]),
             Some("subscribed") => eprintln!(
                 "subscribed to {} (online: {}, replaying {} frames)",
                 v["payload"]["deviceID"], v["payload"]["online"], v["payload"]["replayed"]
@@ -155,16 +138,12 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
             }
-            Some("telemetry_dropped") => eprintln!(
-                "warning: the relay dropped {} frames for this slow connection",
-                v["payload"]["count"]
-            ),
+            Some("telemetry_dropped") => {
+                eprintln!("warning: the relay dropped {} frames for this slow connection", v["payload"]["count"])
+            }
             Some("error") => {
                 let code = v["payload"]["code"].as_str().unwrap_or("?");
-                bail!(
-                    "relay error {code}: {}",
-                    v["payload"]["message"].as_str().unwrap_or("")
-                );
+                bail!("relay error {code}: {}", v["payload"]["message"].as_str().unwrap_or(""));
             }
             _ => {}
         }

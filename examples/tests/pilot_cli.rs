@@ -43,14 +43,7 @@ async fn pilot_cli_prints_verdicts_and_ages_of_the_simulated_boat() {
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-pilot"))
-            .args([
-                "--relay",
-                &format!("http://{}", running.addr),
-                "--api-key",
-                &key,
-                "--device",
-                "demo-boat",
-            ])
+            .args(["--relay", &format!("http://{}", running.addr), "--api-key", &key, "--device", "demo-boat"])
             .args(["--count", "40"])
             .stderr(Stdio::piped())
             .stdout(Stdio::piped())
@@ -60,41 +53,19 @@ async fn pilot_cli_prints_verdicts_and_ages_of_the_simulated_boat() {
     .expect("the pilot printed 40 frames in time")
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "pilot failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = stdout
-        .lines()
-        .filter(|l| !l.starts_with("[replay]"))
-        .collect();
+    assert!(out.status.success(), "pilot failed: {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.starts_with("[replay]")).collect();
     assert_eq!(lines.len(), 40, "{stdout}");
-    assert!(
-        lines
-            .iter()
-            .all(|l| l.starts_with("demo-boat sensor_data seq=")),
-        "{stdout}"
-    );
+    assert!(lines.iter().all(|l| l.starts_with("demo-boat sensor_data seq=")), "{stdout}");
     assert!(lines.iter().all(|l| l.contains("verdict=ok")), "{stdout}");
     assert!(lines.iter().all(|l| l.contains(" pos=37.")), "{stdout}");
     // The relay syncs clocks within the first second, so the last frames carry an age.
     let last = lines.last().unwrap();
-    assert!(
-        !last.contains("age=—") && last.contains("ms offset="),
-        "{last}"
-    );
+    assert!(!last.contains("age=—") && last.contains("ms offset="), "{last}");
 
     // A wrong key gets a clear message and a failing exit status.
     let bad = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-pilot"))
-        .args([
-            "--relay",
-            &format!("http://{}", running.addr),
-            "--api-key",
-            "tk_x_y",
-            "--device",
-            "demo-boat",
-        ])
+        .args(["--relay", &format!("http://{}", running.addr), "--api-key", "tk_x_y", "--device", "demo-boat"])
         .output()
         .await
         .unwrap();

@@ -37,6 +37,26 @@ pub struct Identity {
     pub role: Role,
     /// Display name (device name or username).
     pub name: String,
+    /// The credential it authenticated with, as a deny-list subject: `key:<id>` for an API
+    /// key, `session:<hash>` for a login session, None for a device secret (the device id
+    /// itself is the subject).
+    pub credential: Option<String>,
+    /// For WebSocket connections opened with a ticket: `ticket:<hash>`.
+    pub ticket: Option<String>,
+}
+
+impl Identity {
+    /// Whether revoking `subject` concerns this identity.
+    pub fn matches(&self, subject: &str) -> bool {
+        self.id == subject || self.credential.as_deref() == Some(subject) || self.ticket.as_deref() == Some(subject)
+    }
+}
+
+/// SHA-256 of `s` as hex: for secrets that must be found by value (handshake keys, session
+/// tokens, tickets) without keeping them in clear.
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
 /// Kinds of principals.
@@ -124,23 +144,15 @@ pub struct Hasher {
 
 impl Default for Hasher {
     fn default() -> Self {
-        let n = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
-        Hasher {
-            permits: Arc::new(Semaphore::new(n)),
-        }
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        Hasher { permits: Arc::new(Semaphore::new(n)) }
     }
 }
 
 impl Hasher {
     /// bcrypt hash of `secret` at `cost`.
     pub async fn hash(&self, secret: String, cost: u32) -> Result<String, StoreError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?;
+        let _permit = self.permits.acquire().await.map_err(|e| StoreError::Task(e.to_string()))?;
         tokio::task::spawn_blocking(move || bcrypt::hash(secret, cost))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
@@ -152,9 +164,7 @@ impl Hasher {
         let Ok(_permit) = self.permits.acquire().await else {
             return false;
         };
-        tokio::task::spawn_blocking(move || bcrypt::verify(secret, &hash).unwrap_or(false))
-            .await
-            .unwrap_or(false)
+        tokio::task::spawn_blocking(move || bcrypt::verify(secret, &hash).unwrap_or(false)).await.unwrap_or(false)
     }
 }
 
@@ -180,22 +190,19 @@ pub async fn verify_device(
         org: device.org_id,
         role: Role::Device,
         name: device.name,
+        credential: None,
+        ticket: None,
     })
 }
 
 /// A bcrypt hash of a random string nobody knows, used to equalise timing for unknown ids.
-fn dummy_hash() -> String {
+pub fn dummy_hash() -> String {
     static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    H.get_or_init(|| bcrypt::hash(random_hex(16), MACHINE_SECRET_COST).unwrap_or_default())
-        .clone()
+    H.get_or_init(|| bcrypt::hash(random_hex(16), MACHINE_SECRET_COST).unwrap_or_default()).clone()
 }
 
 /// Verifies an operator API key.
-pub async fn verify_api_key(
-    store: &Store,
-    hasher: &Hasher,
-    key: &str,
-) -> Result<Identity, AuthError> {
+pub async fn verify_api_key(store: &Store, hasher: &Hasher, key: &str) -> Result<Identity, AuthError> {
     let (key_id, secret) = match parse_api_key(key) {
         Some((id, secret)) => (id.to_owned(), secret.to_owned()),
         None => (BOOTSTRAP_KEY_ID.to_owned(), key.to_owned()),
@@ -214,6 +221,8 @@ pub async fn verify_api_key(
         org: op.org_id,
         role: op.role.into(),
         name: op.username,
+        credential: Some(format!("key:{}", row.id)),
+        ticket: None,
     })
 }
 
@@ -225,22 +234,15 @@ pub fn issue_api_key_sync(
 ) -> Result<String, StoreError> {
     let (id, key) = new_api_key();
     let (_, secret) = parse_api_key(&key).expect("generated keys parse");
-    let hash =
-        bcrypt::hash(secret, MACHINE_SECRET_COST).map_err(|e| StoreError::Task(e.to_string()))?;
+    let hash = bcrypt::hash(secret, MACHINE_SECRET_COST).map_err(|e| StoreError::Task(e.to_string()))?;
     q::create_api_key(c, &id, operator_id, &hash, label)?;
     Ok(key)
 }
 
 /// Creates a device credential; returns the secret (shown once).
-pub fn issue_device_sync(
-    c: &rusqlite::Connection,
-    id: &str,
-    org_id: &str,
-    name: &str,
-) -> Result<String, StoreError> {
+pub fn issue_device_sync(c: &rusqlite::Connection, id: &str, org_id: &str, name: &str) -> Result<String, StoreError> {
     let secret = new_device_secret();
-    let hash =
-        bcrypt::hash(&secret, MACHINE_SECRET_COST).map_err(|e| StoreError::Task(e.to_string()))?;
+    let hash = bcrypt::hash(&secret, MACHINE_SECRET_COST).map_err(|e| StoreError::Task(e.to_string()))?;
     q::create_device(c, id, org_id, name, &hash)?;
     Ok(secret)
 }
@@ -257,10 +259,7 @@ pub struct Tickets {
 impl Tickets {
     /// Tickets valid for `ttl`.
     pub fn new(ttl: Duration) -> Self {
-        Tickets {
-            map: Mutex::new(HashMap::new()),
-            ttl,
-        }
+        Tickets { map: Mutex::new(HashMap::new()), ttl }
     }
 
     /// Lifetime of new tickets.
@@ -275,11 +274,17 @@ impl Tickets {
         t
     }
 
-    /// Consumes a ticket: the first call within its lifetime gets the identity, later calls
-    /// and calls after expiry get `None`.
+    /// Consumes a ticket: the first call within its lifetime gets the identity (marked with
+    /// the ticket's subject `ticket:<hash>`), later calls and calls after expiry get `None`.
     pub fn redeem(&self, ticket: &str, now: Instant) -> Option<Identity> {
-        let (who, expires) = self.map.lock().remove(ticket)?;
+        let (mut who, expires) = self.map.lock().remove(ticket)?;
+        who.ticket = Some(format!("ticket:{}", sha256_hex(ticket)));
         (now < expires).then_some(who)
+    }
+
+    /// Withdraws an unused ticket; true if it existed.
+    pub fn revoke(&self, ticket: &str) -> bool {
+        self.map.lock().remove(ticket).is_some()
     }
 
     /// Forgets expired tickets (called periodically).
@@ -308,6 +313,8 @@ mod tests {
             org: "o".into(),
             role: Role::Pilot,
             name: "ana".into(),
+            credential: None,
+            ticket: None,
         }
     }
 
@@ -316,12 +323,10 @@ mod tests {
         let t = Tickets::new(Duration::from_secs(30));
         let now = Instant::now();
         let a = t.issue(who(), now);
-        assert_eq!(t.redeem(&a, now + Duration::from_secs(1)), Some(who()));
-        assert_eq!(
-            t.redeem(&a, now + Duration::from_secs(1)),
-            None,
-            "second use refused"
-        );
+        let got = t.redeem(&a, now + Duration::from_secs(1)).unwrap();
+        assert_eq!(got.id, "op-1");
+        assert!(got.matches(&format!("ticket:{}", sha256_hex(&a))));
+        assert_eq!(t.redeem(&a, now + Duration::from_secs(1)), None, "second use refused");
         let b = t.issue(who(), now);
         assert_eq!(t.redeem(&b, now + Duration::from_secs(31)), None, "expired");
         let c = t.issue(who(), now);

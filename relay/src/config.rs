@@ -55,6 +55,35 @@ pub struct RelayConfig {
     /// (`--control-queue`, `CONTROL_QUEUE`, default 1024).
     #[arg(long, env = "CONTROL_QUEUE", default_value_t = 1024)]
     pub control_queue: usize,
+    /// Messages a connection may send per second (burst: twice that) before `rate_limited`
+    /// (`--messages-per-second`, `MESSAGES_PER_SECOND`, default 200).
+    #[arg(long, env = "MESSAGES_PER_SECOND", default_value_t = 200)]
+    pub messages_per_second: u32,
+    /// Bytes a connection may send per second (burst: twice that)
+    /// (`--bytes-per-second`, `BYTES_PER_SECOND`, default 2097152).
+    #[arg(long, env = "BYTES_PER_SECOND", default_value_t = 2 << 20)]
+    pub bytes_per_second: u32,
+    /// Connection attempts per minute per credential
+    /// (`--connections-per-minute`, `CONNECTIONS_PER_MINUTE`, default 60).
+    #[arg(long, env = "CONNECTIONS_PER_MINUTE", default_value_t = 60)]
+    pub connections_per_minute: u32,
+    /// Failed authentications per minute per IP address before it is refused for a while
+    /// (`--auth-failures-per-minute`, `AUTH_FAILURES_PER_MINUTE`, default 20).
+    #[arg(long, env = "AUTH_FAILURES_PER_MINUTE", default_value_t = 20)]
+    pub auth_failures_per_minute: u32,
+    /// Messages kept per offline device (`--queue-limit`, `QUEUE_LIMIT`, default 50).
+    #[arg(long, env = "QUEUE_LIMIT", default_value_t = 50)]
+    pub queue_limit: u32,
+    /// Seconds a queued message waits for its device (`--queue-ttl`, `QUEUE_TTL`, default 86400).
+    #[arg(long, env = "QUEUE_TTL", default_value_t = 86_400.0)]
+    pub queue_ttl: f64,
+    /// Seconds a command may wait for its result when it names no `timeoutMs`
+    /// (`--command-timeout`, `COMMAND_TIMEOUT`, default 60).
+    #[arg(long, env = "COMMAND_TIMEOUT", default_value_t = 60.0)]
+    pub command_timeout: f64,
+    /// Seconds a control lease lasts without a heartbeat (`--lease-timeout`, `LEASE_TIMEOUT`, default 10).
+    #[arg(long, env = "LEASE_TIMEOUT", default_value_t = 10.0)]
+    pub lease_timeout: f64,
     /// Admin API key to create on first start instead of a random one
     /// (`--admin-key`, `TETHER_ADMIN_KEY`, default: generate and print once).
     #[arg(long, env = "TETHER_ADMIN_KEY", hide_env_values = true)]
@@ -77,6 +106,14 @@ impl Default for RelayConfig {
             auth_timeout: 10.0,
             telemetry_queue: 256,
             control_queue: 1024,
+            messages_per_second: 200,
+            bytes_per_second: 2 << 20,
+            connections_per_minute: 60,
+            auth_failures_per_minute: 20,
+            queue_limit: 50,
+            queue_ttl: 86_400.0,
+            command_timeout: 60.0,
+            lease_timeout: 10.0,
             admin_key: None,
         }
     }
@@ -89,9 +126,7 @@ fn secs(s: f64) -> Duration {
 impl RelayConfig {
     /// The database path.
     pub fn db_path(&self) -> PathBuf {
-        self.db
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("tether.db"))
+        self.db.clone().unwrap_or_else(|| self.data_dir.join("tether.db"))
     }
 
     /// Ping / clock-sync period.
@@ -107,6 +142,16 @@ impl RelayConfig {
     /// Ticket lifetime.
     pub fn ticket_lifetime(&self) -> Duration {
         secs(self.ticket_ttl)
+    }
+
+    /// Default deadline for a command's result.
+    pub fn command_deadline(&self) -> Duration {
+        secs(self.command_timeout)
+    }
+
+    /// Control lease lifetime without heartbeat.
+    pub fn lease_lifetime(&self) -> Duration {
+        secs(self.lease_timeout)
     }
 
     /// Authentication deadline.

@@ -6,10 +6,15 @@
 //! loop never waits on another connection: everything it produces for others is a non-blocking
 //! push into their outboxes.
 //!
-//! Close codes: 1000 normal, 1001 relay shutting down or idle timeout, 1002 WebSocket protocol
-//! error, 1003 binary before auth, 1007 text frame not UTF-8, 1008 policy (authentication
-//! failed, message before auth, slow consumer), 1009 message too big, 4409 replaced by a newer
-//! connection of the same device.
+//! Every message an operator sends about a device passes [`Session::authorize`]: the device
+//! must be in the operator's org and the operator must hold the level that
+//! [`crate::access::required_level`] names for the message type.
+//!
+//! Close codes: 1000 normal (also after `registration_pending`), 1001 relay shutting down or
+//! idle timeout, 1002 WebSocket protocol error, 1003 binary before auth, 1007 text frame not
+//! UTF-8, 1008 policy (authentication failed, message before auth, slow consumer, revoked),
+//! 1009 message too big, 1013 too many connection attempts (try again later), 4409 replaced by
+//! a newer connection of the same device.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
 use serde_json::value::RawValue;
 use signaling::message::{
-    self, AuthOk, Body, Frame, Pong, TelemetryAnnotation, TelemetryDropped, TelemetryHeader,
+    self, Ack, AuthOk, Body, Frame, Pong, RegistrationPending, TelemetryAnnotation, TelemetryDropped, TelemetryHeader,
     TimeSync, Unsubscribed,
 };
 use signaling::{Envelope, ErrorCode};
@@ -27,10 +33,16 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
 use crate::Relay;
+use crate::access::{Level, required_level};
 use crate::auth::{self, Identity, Role};
-use crate::hub::{Conn, Delivery};
+use crate::hub::{Conn, Delivery, PendingRequest};
+use crate::leases::LeaseRefusal;
+use crate::limits::{ConnLimiter, Overrides};
 use crate::metrics::type_index;
+use crate::ops;
 use crate::outbox::{Next, Outbox};
+use crate::store::now_ms;
+use crate::store::q::{self, EnqueueOutcome};
 use crate::ws::Socket;
 
 /// Which endpoint the socket came in on, with the credentials offered in the HTTP request.
@@ -58,58 +70,56 @@ const QUICK_SYNC_GAP: Duration = Duration::from_millis(250);
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Most messages written before one flush.
 const WRITE_BATCH: usize = 64;
+/// Extra time a device gets beyond a command's own `timeoutMs` to report its result.
+const RESULT_GRACE: Duration = Duration::from_secs(5);
+/// Message types that may wait in the offline queue for a device. Signaling (`webrtc`) is
+/// not queued: an offer is worthless minutes later.
+const QUEUEABLE: &[&str] = &["execute_command", "update_client_config", "reload_config", "speed_test", "app_command"];
+/// Message types that are requests with a result (and so a deadline).
+const WITH_RESULT: &[&str] = &["execute_command", "update_client_config", "reload_config", "speed_test", "app_command"];
 
-fn error_text(
-    relay: &Relay,
-    code: ErrorCode,
-    message: impl Into<String>,
-    correlation_id: Option<String>,
-) -> String {
+fn error_text(relay: &Relay, code: ErrorCode, message: impl Into<String>, correlation_id: Option<String>) -> String {
     relay.metrics.count_error(code);
     relay.metrics.count_out(type_index("error"), 1);
     Envelope::error(code, message, correlation_id).to_json()
 }
 
-/// Runs a connection to completion.
-pub async fn serve(
-    relay: Arc<Relay>,
-    socket: Socket,
-    endpoint: Endpoint,
-    peer: Option<SocketAddr>,
-) {
-    relay
-        .metrics
-        .connections_opened
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (sink, mut stream) = socket.split();
-    let outbox = Arc::new(Outbox::new(
-        relay.config.control_queue,
-        relay.config.telemetry_queue,
-    ));
-    let writer = relay
-        .tasks
-        .spawn(write_loop(relay.clone(), sink, outbox.clone()));
+fn rate_limited_text(
+    relay: &Relay,
+    message: impl Into<String>,
+    retry_after: Duration,
+    correlation_id: Option<String>,
+) -> String {
+    relay.metrics.count_error(ErrorCode::RateLimited);
+    relay.metrics.count_out(type_index("error"), 1);
+    let mut e = Envelope::error(ErrorCode::RateLimited, message, correlation_id);
+    if let Body::Error(p) = &mut e.body {
+        p.retry_after_ms = Some(retry_after.as_millis().max(1) as u64);
+    }
+    e.to_json()
+}
 
-    let identity = tokio::select! {
-        r = authenticate(&relay, &mut stream, &outbox, endpoint) => r,
+/// Runs a connection to completion.
+pub async fn serve(relay: Arc<Relay>, socket: Socket, endpoint: Endpoint, peer: Option<SocketAddr>) {
+    relay.metrics.connections_opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (sink, mut stream) = socket.split();
+    let outbox = Arc::new(Outbox::new(relay.config.control_queue, relay.config.telemetry_queue));
+    let writer = relay.tasks.spawn(write_loop(relay.clone(), sink, outbox.clone()));
+    let peer_ip = peer.map(|p| p.ip().to_string());
+
+    let admitted = tokio::select! {
+        r = authenticate(&relay, &mut stream, &outbox, endpoint, peer_ip.as_deref()) => r,
         _ = relay.shutdown.cancelled() => {
             outbox.close(1001, "relay shutting down");
             None
         }
     };
-    if let Some(identity) = identity {
+    if let Some((identity, overrides)) = admitted {
         tracing::info!(id = %identity.id, role = identity.role.as_str(), org = %identity.org, ?peer, "connected");
-        let conn = Arc::new(Conn {
-            id: relay.next_conn_id(),
-            identity,
-            outbox: outbox.clone(),
-        });
-        let mut session = Session::new(relay.clone(), conn.clone());
+        let conn = Arc::new(Conn { id: relay.next_conn_id(), identity, outbox: outbox.clone(), peer_ip });
+        let mut session = Session::new(relay.clone(), conn.clone(), relay.limits.for_connection(&overrides));
         session.run(&mut stream).await;
-        relay.hub.detach(&conn);
-        if conn.identity.role == Role::Device {
-            relay.mark_seen(&conn.identity.id, crate::store::now_ms());
-        }
+        session.finish();
         tracing::info!(id = %conn.identity.id, ?peer, reason = %session.end_reason, "disconnected");
     }
     outbox.close(1000, "");
@@ -124,31 +134,45 @@ pub async fn serve(
         }
     })
     .await;
-    if tokio::time::timeout(CLOSE_GRACE, outbox.done())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(CLOSE_GRACE, outbox.done()).await.is_err() {
         writer.abort();
     }
 }
 
-/// Authenticates the connection; on failure queues the error and the close, returns `None`.
+/// Authenticates the connection (or handles a registration); on failure queues the error and
+/// the close and returns `None`. On success returns the identity and its limit overrides.
 async fn authenticate(
     relay: &Relay,
     stream: &mut futures_util::stream::SplitStream<Socket>,
     outbox: &Outbox,
     endpoint: Endpoint,
-) -> Option<Identity> {
-    let fail = |code: ErrorCode, msg: &str, corr: Option<String>| {
-        relay
-            .metrics
-            .auth_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ip: Option<&str>,
+) -> Option<(Identity, Overrides)> {
+    let ip_key = ip.unwrap_or("unknown");
+    let refuse = |code: ErrorCode, msg: &str, corr: Option<String>| {
         let _ = outbox.push_control(error_text(relay, code, msg, corr));
         outbox.close(1008, code.as_str());
         None
     };
-    match endpoint {
+    let fail = |code: ErrorCode, msg: &str, corr: Option<String>| {
+        relay.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        relay.limits.auth_failed(ip_key);
+        refuse(code, msg, corr)
+    };
+    if relay.limits.ip_blocked(ip_key) {
+        let _ = outbox.push_control(rate_limited_text(
+            relay,
+            "too many failed authentications from this address; wait a minute",
+            Duration::from_secs(60),
+            None,
+        ));
+        outbox.close(1008, "rate_limited");
+        return None;
+    }
+    if ip.is_some_and(|ip| relay.access.is_denied(&format!("ip:{ip}"), now_ms())) {
+        return refuse(ErrorCode::Revoked, "this address is on the deny list", None);
+    }
+    let identity = match endpoint {
         Endpoint::Operator { ticket } => {
             let Some(ticket) = ticket else {
                 return fail(
@@ -158,18 +182,17 @@ async fn authenticate(
                 );
             };
             match relay.tickets.redeem(&ticket, Instant::now()) {
-                Some(who) => Some(who),
-                None => fail(
-                    ErrorCode::InvalidTicket,
-                    "the ticket is unknown, already used or expired; request a new one",
-                    None,
-                ),
+                Some(who) => who,
+                None => {
+                    return fail(
+                        ErrorCode::InvalidTicket,
+                        "the ticket is unknown, already used or expired; request a new one",
+                        None,
+                    );
+                }
             }
         }
-        Endpoint::Device {
-            client_id,
-            bearer: Some(secret),
-        } => {
+        Endpoint::Device { client_id, bearer: Some(secret) } => {
             let Some(id) = client_id else {
                 return fail(
                     ErrorCode::AuthFailed,
@@ -177,27 +200,15 @@ async fn authenticate(
                     None,
                 );
             };
-            verify_device(relay, &id, &secret).await.or_else(|| {
-                fail(
-                    ErrorCode::AuthFailed,
-                    "invalid clientID or clientSecret",
-                    None,
-                )
-            })
+            match verify_device(relay, &id, &secret).await {
+                Some(who) => who,
+                None => return fail(ErrorCode::AuthFailed, "invalid clientID or clientSecret", None),
+            }
         }
-        Endpoint::Device {
-            client_id,
-            bearer: None,
-        } => {
+        Endpoint::Device { client_id, bearer: None } => {
             let first = tokio::time::timeout(relay.config.auth_deadline(), stream.next()).await;
             let text = match first {
-                Err(_) => {
-                    return fail(
-                        ErrorCode::AuthTimeout,
-                        "no auth message arrived in time",
-                        None,
-                    );
-                }
+                Err(_) => return fail(ErrorCode::AuthTimeout, "no auth message arrived in time", None),
                 Ok(None) => return None,
                 Ok(Some(Err(e))) => {
                     if let Some((code, msg, close)) = read_error(&e) {
@@ -219,20 +230,12 @@ async fn authenticate(
                 }
                 Ok(Some(Ok(Message::Close(_)))) => return None,
                 Ok(Some(Ok(_))) => {
-                    return fail(
-                        ErrorCode::NotAuthenticated,
-                        "send {\"type\":\"auth\",...} first",
-                        None,
-                    );
+                    return fail(ErrorCode::NotAuthenticated, "send {\"type\":\"auth\",...} first", None);
                 }
             };
             relay.metrics.count_in(type_index("auth"), text.len());
             match message::decode(&text) {
-                Ok(Envelope {
-                    body: Body::Auth(a),
-                    correlation_id,
-                    ..
-                }) => {
+                Ok(Envelope { body: Body::Auth(a), correlation_id, .. }) => {
                     let Some(id) = client_id else {
                         return fail(
                             ErrorCode::AuthFailed,
@@ -240,41 +243,67 @@ async fn authenticate(
                             correlation_id,
                         );
                     };
-                    verify_device(relay, &id, &a.client_secret)
-                        .await
-                        .or_else(|| {
-                            fail(
-                                ErrorCode::AuthFailed,
-                                "invalid clientID or clientSecret",
+                    match verify_device(relay, &id, &a.client_secret).await {
+                        Some(who) => who,
+                        None => return fail(ErrorCode::AuthFailed, "invalid clientID or clientSecret", correlation_id),
+                    }
+                }
+                Ok(Envelope { body: Body::Register(r), correlation_id, .. }) => {
+                    match ops::register(relay, &r.handshake_key, &r.name, ip.map(str::to_owned)).await {
+                        Ok(Some(reg)) => {
+                            tracing::info!(request = %reg.id, name = %reg.name, "registration pending approval");
+                            let mut e = Envelope::new(RegistrationPending { request_id: reg.id });
+                            e.correlation_id = correlation_id;
+                            let _ = outbox.push_control(e.to_json());
+                            outbox.close(1000, "registration pending: poll /ws/status/<requestID>");
+                            return None;
+                        }
+                        Ok(None) => {
+                            return fail(
+                                ErrorCode::InvalidHandshakeKey,
+                                "the handshake key is unknown, expired or used up",
                                 correlation_id,
-                            )
-                        })
+                            );
+                        }
+                        Err(e) => return refuse(ErrorCode::Internal, &e.message, correlation_id),
+                    }
                 }
-                Ok(Envelope {
-                    body: Body::Register(_),
-                    correlation_id,
-                    ..
-                }) => {
-                    // Onboarding with handshake keys lands with the access work; until then no
-                    // key is valid, and the device is told so plainly.
-                    fail(
-                        ErrorCode::InvalidHandshakeKey,
-                        "this relay has no handshake keys configured; ask an admin for a device credential",
-                        correlation_id,
-                    )
+                Ok(env) => {
+                    return fail(
+                        ErrorCode::NotAuthenticated,
+                        "authenticate first: send {\"type\":\"auth\",\"payload\":{\"clientSecret\":...}}",
+                        env.correlation_id,
+                    );
                 }
-                Ok(env) => fail(
-                    ErrorCode::NotAuthenticated,
-                    "authenticate first: send {\"type\":\"auth\",\"payload\":{\"clientSecret\":...}}",
-                    env.correlation_id,
-                ),
                 Err(e) => {
                     let corr = e.correlation_id.clone();
-                    fail(e.code(), &e.to_string(), corr)
+                    return fail(e.code(), &e.to_string(), corr);
                 }
             }
         }
+    };
+    if relay.access.identity_denied(&identity, now_ms()) {
+        return refuse(ErrorCode::Revoked, "this credential is on the deny list", None);
     }
+    let id = identity.id.clone();
+    let overrides = match relay.store.call(move |c| q::limits_of(c, &id)).await {
+        Ok(text) => Overrides::from_stored(text.as_deref()),
+        Err(e) => {
+            tracing::error!("could not read limits: {e}");
+            Overrides::default()
+        }
+    };
+    if let Err(wait) = relay.limits.connect(&identity.id, &overrides) {
+        let _ = outbox.push_control(rate_limited_text(
+            relay,
+            "too many connection attempts with this credential",
+            wait,
+            None,
+        ));
+        outbox.close(1013, "rate_limited");
+        return None;
+    }
+    Some((identity, overrides))
 }
 
 async fn verify_device(relay: &Relay, id: &str, secret: &str) -> Option<Identity> {
@@ -287,25 +316,14 @@ async fn verify_device(relay: &Relay, id: &str, secret: &str) -> Option<Identity
         }
     }
 }
-
 /// Maps a read error to what the peer should be told, if the socket is still writable.
 fn read_error(e: &tungstenite::Error) -> Option<(ErrorCode, String, u16)> {
     match e {
-        tungstenite::Error::Capacity(c) => Some((
-            ErrorCode::FrameTooLarge,
-            format!("message too large: {c}"),
-            1009,
-        )),
-        tungstenite::Error::Utf8(_) => Some((
-            ErrorCode::MalformedJson,
-            "text frame is not valid UTF-8".into(),
-            1007,
-        )),
-        tungstenite::Error::Protocol(p) => Some((
-            ErrorCode::MalformedJson,
-            format!("WebSocket protocol error: {p}"),
-            1002,
-        )),
+        tungstenite::Error::Capacity(c) => Some((ErrorCode::FrameTooLarge, format!("message too large: {c}"), 1009)),
+        tungstenite::Error::Utf8(_) => Some((ErrorCode::MalformedJson, "text frame is not valid UTF-8".into(), 1007)),
+        tungstenite::Error::Protocol(p) => {
+            Some((ErrorCode::MalformedJson, format!("WebSocket protocol error: {p}"), 1002))
+        }
         _ => None,
     }
 }
@@ -320,11 +338,13 @@ struct Session {
     syncs_sent: u32,
     /// `t1` values of outstanding clock-sync requests: a response must echo one of them.
     sync_pending: Vec<f64>,
+    /// This connection's rate limits.
+    limiter: ConnLimiter,
     end_reason: String,
 }
 
 impl Session {
-    fn new(relay: Arc<Relay>, conn: Arc<Conn>) -> Self {
+    fn new(relay: Arc<Relay>, conn: Arc<Conn>, limiter: ConnLimiter) -> Self {
         Session {
             relay,
             conn,
@@ -332,6 +352,7 @@ impl Session {
             next_sync: Instant::now(),
             syncs_sent: 0,
             sync_pending: Vec::new(),
+            limiter,
             end_reason: String::new(),
         }
     }
@@ -340,27 +361,32 @@ impl Session {
         self.conn.identity.role == Role::Device
     }
 
+    fn me(&self) -> &Identity {
+        &self.conn.identity
+    }
+
     fn push(&self, ty: &str, text: String) {
         self.relay.metrics.count_out(type_index(ty), 1);
-        if let Err(e) = self.conn.outbox.push_control(text) {
-            if e == crate::outbox::PushError::Overflow {
-                self.relay
-                    .metrics
-                    .slow_consumers
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(id = %self.conn.identity.id, "closing slow consumer: its outbound queue is full");
-            }
+        if let Err(crate::outbox::PushError::Overflow) = self.conn.outbox.push_control(text) {
+            self.relay.metrics.slow_consumers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(id = %self.me().id, "closing slow consumer: its outbound queue is full");
         }
     }
 
     fn error(&self, code: ErrorCode, message: impl Into<String>, correlation_id: Option<String>) {
-        let text = error_text(&self.relay, code, message, correlation_id);
-        if let Err(crate::outbox::PushError::Overflow) = self.conn.outbox.push_control(text) {
-            self.relay
-                .metrics
-                .slow_consumers
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.push("error", error_text(&self.relay, code, message, correlation_id));
+    }
+
+    fn ack(
+        &self,
+        status: &str,
+        correlation_id: Option<String>,
+        queue_depth: Option<u64>,
+        data: Option<serde_json::Value>,
+    ) {
+        let mut e = Envelope::new(Ack { status: status.to_owned(), queue_depth, data });
+        e.correlation_id = correlation_id;
+        self.push("ack", e.to_json());
     }
 
     async fn run(&mut self, stream: &mut futures_util::stream::SplitStream<Socket>) {
@@ -374,7 +400,7 @@ impl Session {
             ));
             old.outbox.close(4409, "replaced");
         }
-        let id = &self.conn.identity;
+        let id = self.me().clone();
         let ok = AuthOk {
             client_id: id.id.clone(),
             role: id.role.as_str().to_owned(),
@@ -384,19 +410,19 @@ impl Session {
         };
         self.push("auth_ok", Envelope::new(ok).to_json());
         if self.is_device() {
-            relay.mark_seen(&id.id, crate::store::now_ms());
+            let now = now_ms();
+            relay.mark_seen(&id.id, now);
             // The device may have rebooted with its clock stepped: old samples would keep
             // describing the old clock until they left the window. The quick syncs after
             // connecting rebuild the estimate within a second; until then frames carry no age.
             relay.device_telemetry(&id.id).lock().clock = signaling::ClockSync::default();
+            ops::announce_presence(&relay, &id.id, true, now);
+            self.push("lease_state", relay.leases.state(&id.id, "current"));
+            self.deliver_queued().await;
         }
         let idle = relay.config.idle_timeout();
         loop {
-            let deadline = if self.is_device() {
-                self.next_sync.min(self.last_rx + idle)
-            } else {
-                self.last_rx + idle
-            };
+            let deadline = if self.is_device() { self.next_sync.min(self.last_rx + idle) } else { self.last_rx + idle };
             tokio::select! {
                 biased;
                 _ = relay.shutdown.cancelled() => {
@@ -424,6 +450,10 @@ impl Session {
                         if !self.on_message(m).await {
                             return;
                         }
+                        if self.conn.outbox.is_closing() {
+                            self.end_reason = "closed by the relay".into();
+                            return;
+                        }
                     }
                 },
                 _ = tokio::time::sleep_until(deadline.into()) => {
@@ -441,6 +471,70 @@ impl Session {
         }
     }
 
+    /// Cleans up after the connection: hub membership, presence, leases.
+    fn finish(&self) {
+        let relay = &self.relay;
+        relay.hub.detach(&self.conn);
+        let me = self.me();
+        if self.is_device() {
+            let now = now_ms();
+            relay.mark_seen(&me.id, now);
+            // A replacement connection may already be up; only announce a real departure.
+            if !relay.hub.is_online(&me.id) {
+                ops::announce_presence(relay, &me.id, false, now);
+            }
+        } else {
+            for (device, org) in relay.leases.conn_closed(self.conn.id) {
+                relay.leases.announce(relay, &org, &device, "disconnected");
+            }
+        }
+    }
+
+    /// Pushes the device's offline queue, oldest first, marked `"_offline_queued": true`.
+    async fn deliver_queued(&self) {
+        let device = self.me().id.clone();
+        let d = device.clone();
+        let rows = match self.relay.store.call(move |c| q::queued_for(c, &d)).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(%device, "could not read the offline queue: {e}");
+                return;
+            }
+        };
+        if rows.is_empty() {
+            return;
+        }
+        let mut seqs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let text = format!(
+                "{{\"_offline_queued\":true,{}",
+                row.message_json.trim_start().strip_prefix('{').unwrap_or("}")
+            );
+            self.push(&row.msg_type, text);
+            seqs.push(row.seq);
+            if let Some(corr) = &row.correlation_id {
+                let deadline = WITH_RESULT
+                    .contains(&row.msg_type.as_str())
+                    .then(|| Instant::now() + self.relay.config.command_deadline());
+                self.relay.hub.remember_request(
+                    &device,
+                    corr,
+                    PendingRequest {
+                        requester: row.sender_id.clone(),
+                        org: self.me().org.clone(),
+                        conn: None,
+                        deadline,
+                        at: Instant::now(),
+                    },
+                );
+            }
+        }
+        tracing::info!(%device, count = seqs.len(), "delivered queued messages");
+        if let Err(e) = self.relay.store.call(move |c| q::mark_delivered(c, &seqs)).await {
+            tracing::error!(%device, "could not mark queued messages delivered: {e}");
+        }
+    }
+
     fn send_time_sync(&mut self, now: Instant) {
         let t1 = self.relay.clock.now_ms();
         if self.sync_pending.len() >= 8 {
@@ -449,23 +543,23 @@ impl Session {
         self.sync_pending.push(t1);
         self.push("time_sync", Envelope::new(TimeSync { t1 }).to_json());
         self.syncs_sent += 1;
-        self.next_sync = now
-            + if self.syncs_sent < QUICK_SYNCS {
-                QUICK_SYNC_GAP
-            } else {
-                self.relay.config.ping_every()
-            };
+        self.next_sync =
+            now + if self.syncs_sent < QUICK_SYNCS { QUICK_SYNC_GAP } else { self.relay.config.ping_every() };
     }
 
     /// Handles one frame; false ends the connection.
     async fn on_message(&mut self, m: Message) -> bool {
         match m {
             Message::Text(t) => {
+                if let Err(wait) = self.limiter.admit(t.len()) {
+                    self.refuse_over_limit(wait);
+                    return true;
+                }
                 self.on_text(&t).await;
                 true
             }
-            Message::Binary(_) => {
-                self.relay.metrics.count_in(type_index("other"), 0);
+            Message::Binary(b) => {
+                self.relay.metrics.count_in(type_index("other"), b.len());
                 self.error(
                     ErrorCode::BinaryNotSupported,
                     "binary frames are not accepted; send JSON in text frames",
@@ -482,6 +576,25 @@ impl Session {
         }
     }
 
+    /// Over the rate limit: the message is not processed, and the sender hears so at most once
+    /// a second (with the count), so the refusals cannot become a flood themselves.
+    fn refuse_over_limit(&mut self, wait: Duration) {
+        self.relay.metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.limiter.refused_unreported += 1;
+        let due = self.limiter.last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if due {
+            let n = std::mem::take(&mut self.limiter.refused_unreported);
+            self.limiter.last_report = Some(Instant::now());
+            let text = rate_limited_text(
+                &self.relay,
+                format!("rate limit exceeded: {n} message(s) refused since the last notice; slow down"),
+                wait,
+                None,
+            );
+            self.push("error", text);
+        }
+    }
+
     async fn on_text(&mut self, text: &Utf8Bytes) {
         let frame = match message::decode_frame(text.as_str()) {
             Ok(f) => f,
@@ -493,20 +606,10 @@ impl Session {
             }
         };
         match frame {
-            Frame::Telemetry {
-                header,
-                payload,
-                correlation_id,
-            } => {
-                self.relay
-                    .metrics
-                    .count_in(type_index("telemetry"), text.len());
+            Frame::Telemetry { header, payload, correlation_id } => {
+                self.relay.metrics.count_in(type_index("telemetry"), text.len());
                 if !self.is_device() {
-                    self.error(
-                        ErrorCode::NotAllowed,
-                        "only devices publish telemetry",
-                        correlation_id,
-                    );
+                    self.error(ErrorCode::NotAllowed, "only devices publish telemetry", correlation_id);
                     return;
                 }
                 self.on_telemetry(&header, payload);
@@ -527,12 +630,7 @@ impl Session {
         let (verdict, counters, estimate) = {
             let state = relay.device_telemetry(device);
             let mut st = state.lock();
-            let (v, c) = st.sequences.observe_ref(
-                stream,
-                header.sequence,
-                header.epoch.as_deref(),
-                header.backfill,
-            );
+            let (v, c) = st.sequences.observe_ref(stream, header.sequence, header.epoch.as_deref(), header.backfill);
             (v, c, st.clock.estimate(now))
         };
         use std::sync::atomic::Ordering::Relaxed;
@@ -566,21 +664,18 @@ impl Session {
         };
         let text = message::encode_forwarded_telemetry(device, payload, &annotation);
         let fan = relay.hub.publish_telemetry(device, Utf8Bytes::from(text));
-        m.telemetry_delivered
-            .fetch_add(fan.delivered as u64, Relaxed);
+        m.telemetry_delivered.fetch_add(fan.delivered as u64, Relaxed);
         m.telemetry_dropped.fetch_add(fan.dropped as u64, Relaxed);
         m.count_out(type_index("telemetry"), fan.delivered as u64);
     }
 
     async fn on_envelope(&mut self, env: Envelope, payload: Option<&RawValue>) {
         let corr = env.correlation_id.clone();
-        let role = self.conn.identity.role;
+        let role = self.me().role;
+        let ty = env.body.type_name();
         match env.body {
             Body::Ping(p) => {
-                let pong = Pong {
-                    t: p.t,
-                    relay_time: Some(self.relay.clock.now_ms()),
-                };
+                let pong = Pong { t: p.t, relay_time: Some(self.relay.clock.now_ms()) };
                 let mut e = Envelope::new(pong);
                 e.correlation_id = corr;
                 self.push("pong", e.to_json());
@@ -590,197 +685,259 @@ impl Session {
                 let t4 = self.relay.clock.now_ms();
                 // Match within a microsecond: clients' float printing and parsing need not be
                 // exactly round-trip.
-                let Some(i) = self
-                    .sync_pending
-                    .iter()
-                    .position(|t| (*t - r.t1).abs() < 1e-3)
-                else {
-                    self.error(
-                        ErrorCode::InvalidPayload,
-                        "t1 does not match a time_sync this relay sent",
-                        corr,
-                    );
+                let Some(i) = self.sync_pending.iter().position(|t| (*t - r.t1).abs() < 1e-3) else {
+                    self.error(ErrorCode::InvalidPayload, "t1 does not match a time_sync this relay sent", corr);
                     return;
                 };
                 self.sync_pending.remove(i);
-                let state = self.relay.device_telemetry(&self.conn.identity.id);
+                let state = self.relay.device_telemetry(&self.me().id);
                 let added = state.lock().clock.add(r.t1, r.t2, r.t3, t4);
                 if let Err(e) = added {
                     self.error(ErrorCode::InvalidPayload, e.to_string(), corr);
                 }
             }
             Body::Subscribe(s) if role.is_operator() => {
-                if !self.device_in_my_org(&s.device_id, corr.clone()).await {
+                if self.authorize(&s.device_id, ty, corr.clone()).await.is_none() {
                     return;
                 }
-                self.relay
-                    .hub
-                    .subscribe(&s.device_id, &self.conn, s.replay, corr);
+                self.relay.hub.subscribe(&s.device_id, &self.conn, s.replay, corr);
                 self.relay.metrics.count_out(type_index("subscribed"), 1);
+                self.push("lease_state", self.relay.leases.state(&s.device_id, "current"));
             }
             Body::Unsubscribe(u) if role.is_operator() => {
                 self.relay.hub.unsubscribe(&u.device_id, self.conn.id);
-                let mut e = Envelope::new(Unsubscribed {
-                    device_id: u.device_id,
-                });
+                let mut e = Envelope::new(Unsubscribed { device_id: u.device_id });
                 e.correlation_id = corr;
                 self.push("unsubscribed", e.to_json());
+            }
+            Body::LeaseAcquire(l) | Body::LeaseRelease(l) | Body::LeaseHeartbeat(l) if role.is_operator() => {
+                self.on_lease(ty, &l.device_id, l.takeover, corr).await;
+            }
+            Body::ApproveRegistration(a) if role.is_operator() => {
+                match ops::approve(&self.relay, self.me(), &a.request_id, a.device_id, a.name).await {
+                    Ok(reg) => {
+                        self.ack("ok", corr, None, Some(json!({"requestID": reg.id, "clientID": reg.device_id})))
+                    }
+                    Err(e) => self.error(e.clone().into(), e.message, corr),
+                }
+            }
+            Body::RejectRegistration(r) if role.is_operator() => {
+                match ops::reject(&self.relay, self.me(), &r.request_id).await {
+                    Ok(reg) => self.ack("ok", corr, None, Some(json!({"requestID": reg.id}))),
+                    Err(e) => self.error(e.clone().into(), e.message, corr),
+                }
             }
             Body::ExecuteCommand(_)
             | Body::UpdateClientConfig(_)
             | Body::ReloadConfig(_)
             | Body::SpeedTest(_)
+            | Body::AppCommand(_)
+            | Body::WebRtc(_)
                 if role.is_operator() =>
             {
-                self.route_request(env.body.type_name(), corr, env.client_id, payload)
-                    .await;
+                let timeout_ms = match &env.body {
+                    Body::ExecuteCommand(c) => c.timeout_ms,
+                    _ => None,
+                };
+                self.route_request(ty, corr, env.client_id, payload, timeout_ms).await;
             }
-            Body::WebRtc(_) => {
-                if role.is_operator() {
-                    self.route_request("webrtc", corr, env.client_id, payload)
-                        .await;
-                } else {
-                    self.route_reply("webrtc", corr, env.client_id, payload)
-                        .await;
-                }
-            }
-            Body::CommandOutput(_) | Body::CommandResult(_) | Body::SpeedTestResult(_)
+            Body::CommandOutput(_) | Body::CommandResult(_) | Body::SpeedTestResult(_) | Body::WebRtc(_)
                 if role == Role::Device =>
             {
-                self.route_reply(env.body.type_name(), corr, env.client_id, payload)
-                    .await;
+                self.route_reply(ty, corr, env.client_id, payload).await;
             }
-            other => {
-                let who = if role == Role::Device {
-                    "a device"
-                } else {
-                    "an operator"
-                };
-                self.error(
-                    ErrorCode::NotAllowed,
-                    format!(
-                        "{who} cannot send {:?} messages on this endpoint",
-                        other.type_name()
-                    ),
-                    corr,
-                );
+            _ => {
+                let who = if role == Role::Device { "a device" } else { "an operator" };
+                self.error(ErrorCode::NotAllowed, format!("{who} cannot send {ty:?} messages on this endpoint"), corr);
             }
         }
     }
 
-    /// True if `device` is a device of the sender's org; otherwise answers `unknown_target`.
-    async fn device_in_my_org(&self, device: &str, corr: Option<String>) -> bool {
+    /// Checks that `device` is a device of the sender's org and that the sender holds the
+    /// level message type `ty` needs on it; answers `unknown_target` or `forbidden` otherwise.
+    async fn authorize(&self, device: &str, ty: &str, corr: Option<String>) -> Option<Level> {
         let id = device.to_owned();
-        let found = self
-            .relay
-            .store
-            .call(move |c| crate::store::q::device_credentials(c, &id))
-            .await;
+        let found = self.relay.store.call(move |c| q::device_credentials(c, &id)).await;
         match found {
-            Ok(Some((d, _))) if d.org_id == self.conn.identity.org => true,
+            Ok(Some((d, _))) if d.org_id == self.me().org => {}
             Ok(_) => {
-                self.error(
-                    ErrorCode::UnknownTarget,
-                    format!("no device {device:?} in your organisation"),
-                    corr,
-                );
-                false
+                self.error(ErrorCode::UnknownTarget, format!("no device {device:?} in your organisation"), corr);
+                return None;
             }
             Err(e) => {
                 tracing::error!("device lookup failed: {e}");
-                self.error(
-                    ErrorCode::Internal,
-                    "the relay could not look up the device; try again",
-                    corr,
-                );
-                false
+                self.error(ErrorCode::Internal, "the relay could not look up the device; try again", corr);
+                return None;
             }
         }
-    }
-
-    /// True if `target` exists in the sender's org; otherwise answers `unknown_target`.
-    async fn same_org(&self, target: &str, corr: Option<String>) -> bool {
-        match self.relay.org_of(target).await {
-            Ok(Some(org)) if org == self.conn.identity.org => true,
-            Ok(_) => {
-                self.error(
-                    ErrorCode::UnknownTarget,
-                    format!("no device or operator {target:?} in your organisation"),
-                    corr,
-                );
-                false
-            }
+        let level = match self.relay.access.level(&self.relay.store, self.me(), device).await {
+            Ok(l) => l,
             Err(e) => {
-                tracing::error!("directory lookup failed: {e}");
+                tracing::error!("permission lookup failed: {e}");
+                self.error(ErrorCode::Internal, "the relay could not check permissions; try again", corr);
+                return None;
+            }
+        };
+        let needed = required_level(ty).unwrap_or(Level::Admin);
+        match level {
+            Some(l) if l >= needed => Some(l),
+            _ => {
+                let have = level.map_or("no access", Level::as_str);
                 self.error(
-                    ErrorCode::Internal,
-                    "the relay could not look up the target; try again",
+                    ErrorCode::Forbidden,
+                    format!("{ty} needs {} permission on {device} (you have {have})", needed.as_str()),
                     corr,
                 );
-                false
+                None
             }
         }
     }
 
-    /// Operator -> device (or peer) request: forward with `from`, remember the route back.
+    async fn on_lease(&self, ty: &str, device: &str, takeover: bool, corr: Option<String>) {
+        let Some(level) = self.authorize(device, ty, corr.clone()).await else { return };
+        let leases = &self.relay.leases;
+        let org = self.me().org.clone();
+        match ty {
+            "lease_acquire" => {
+                if takeover && level < Level::Admin {
+                    self.error(ErrorCode::Forbidden, format!("taking over needs admin permission on {device}"), corr);
+                    return;
+                }
+                match leases.acquire(device, &self.conn, takeover) {
+                    Ok(reason) => {
+                        self.ack("ok", corr, None, Some(json!({"deviceID": device, "lease": reason})));
+                        audit_lease(&self.relay, self.me(), device, reason);
+                        leases.announce(&self.relay, &org, device, reason);
+                    }
+                    Err(LeaseRefusal::HeldBy(name)) => {
+                        self.error(
+                            ErrorCode::NotController,
+                            format!("{name} holds the control lease of {device}"),
+                            corr,
+                        );
+                    }
+                    Err(LeaseRefusal::NotHolder) => {
+                        self.error(ErrorCode::NotController, "you do not hold this lease", corr)
+                    }
+                }
+            }
+            "lease_release" => match leases.release(device, self.conn.id) {
+                Ok(()) => {
+                    self.ack("ok", corr, None, Some(json!({"deviceID": device, "lease": "released"})));
+                    leases.announce(&self.relay, &org, device, "released");
+                }
+                Err(_) => {
+                    self.error(ErrorCode::NotController, format!("you do not hold the control lease of {device}"), corr)
+                }
+            },
+            _ => match leases.heartbeat(device, self.conn.id) {
+                Ok(()) => {
+                    if corr.is_some() {
+                        self.ack("ok", corr, None, None);
+                    }
+                }
+                Err(_) => {
+                    self.error(ErrorCode::NotController, format!("you do not hold the control lease of {device}"), corr)
+                }
+            },
+        }
+    }
+
+    /// Operator -> device request: check permission (and the lease for app commands), forward
+    /// with `from`, acknowledge `delivered`; for an offline device, store it and acknowledge
+    /// `queued`. Requests with a result get a deadline (`command_timeout`).
     async fn route_request(
         &self,
         ty: &str,
         corr: Option<String>,
         target: Option<String>,
         payload: Option<&RawValue>,
+        timeout_ms: Option<u64>,
     ) {
         let Some(target) = target else {
-            self.error(
-                ErrorCode::InvalidPayload,
-                format!("{ty} needs clientID: the device it is for"),
-                corr,
-            );
+            self.error(ErrorCode::InvalidPayload, format!("{ty} needs clientID: the device it is for"), corr);
             return;
         };
-        let me = &self.conn.identity;
+        if self.authorize(&target, ty, corr.clone()).await.is_none() {
+            return;
+        }
+        if ty == "app_command" && !self.relay.leases.is_holder(&target, self.conn.id) {
+            let holder = self.relay.leases.holder(&target).map(|h| h.1);
+            let msg = match holder {
+                Some(name) => format!("{name} holds the control lease of {target}; app commands need it"),
+                None => format!("take the control lease of {target} (lease_acquire) before sending app commands"),
+            };
+            self.error(ErrorCode::NotController, msg, corr);
+            return;
+        }
+        let me = self.me();
         let text = message::encode_routed(ty, corr.as_deref(), Some(&target), &me.id, payload);
-        match self
-            .relay
-            .hub
-            .send_to(&me.org, &target, Utf8Bytes::from(text))
-        {
+        let deadline = WITH_RESULT.contains(&ty).then(|| {
+            let d = timeout_ms
+                .map(|ms| Duration::from_millis(ms) + RESULT_GRACE)
+                .unwrap_or_else(|| self.relay.config.command_deadline());
+            Instant::now() + d
+        });
+        match self.relay.hub.send_to(&me.org, &target, Utf8Bytes::from(text.clone())) {
             Delivery::Delivered(n) => {
                 self.relay.metrics.count_out(type_index(ty), n as u64);
                 if let Some(c) = &corr {
-                    self.relay
-                        .hub
-                        .remember_request(&target, c, &self.conn, Instant::now());
+                    let pending = PendingRequest {
+                        requester: me.id.clone(),
+                        org: me.org.clone(),
+                        conn: Some(self.conn.id),
+                        deadline,
+                        at: Instant::now(),
+                    };
+                    self.relay.hub.remember_request(&target, c, pending);
                 }
+                self.ack("delivered", corr, None, None);
             }
-            Delivery::NotConnected => {
-                if self.same_org(&target, corr.clone()).await {
-                    self.error(
-                        ErrorCode::TargetOffline,
-                        format!("{target} is not connected"),
-                        corr,
-                    );
-                }
+            Delivery::NotConnected if QUEUEABLE.contains(&ty) => self.enqueue(ty, corr, &target, text).await,
+            Delivery::NotConnected => self.error(ErrorCode::TargetOffline, format!("{target} is not connected"), corr),
+        }
+    }
+
+    async fn enqueue(&self, ty: &str, corr: Option<String>, target: &str, text: String) {
+        let cfg = &self.relay.config;
+        let (default_limit, default_ttl) = (cfg.queue_limit as i64, (cfg.queue_ttl * 1000.0) as i64);
+        let (t, sender, c, ty2) = (target.to_owned(), self.me().id.clone(), corr.clone(), ty.to_owned());
+        let outcome = self
+            .relay
+            .store
+            .call(move |conn| {
+                let (limit, ttl) = q::queue_limits(conn, &t)?;
+                let limit = limit.unwrap_or(default_limit);
+                let ttl = ttl.map(|s| s * 1000).unwrap_or(default_ttl);
+                q::enqueue(conn, &t, &sender, c.as_deref(), &ty2, &text, ttl, limit)
+            })
+            .await;
+        match outcome {
+            Ok(EnqueueOutcome::Queued { depth, .. }) => self.ack("queued", corr, Some(depth as u64), None),
+            Ok(EnqueueOutcome::Full { limit }) => self.error(
+                ErrorCode::QueueFull,
+                format!("{target} is offline and its queue already holds {limit} messages; this one was not stored"),
+                corr,
+            ),
+            Err(e) => {
+                tracing::error!(%target, "could not queue a message: {e}");
+                self.error(
+                    ErrorCode::Internal,
+                    format!("{target} is offline and the message could not be stored"),
+                    corr,
+                );
             }
         }
     }
 
     /// Device -> operator reply: to the named `clientID`, else back to whoever sent the
     /// request with this correlationID.
-    async fn route_reply(
-        &self,
-        ty: &str,
-        corr: Option<String>,
-        target: Option<String>,
-        payload: Option<&RawValue>,
-    ) {
-        let me = &self.conn.identity;
-        let route = corr
-            .as_deref()
-            .and_then(|c| self.relay.hub.reply_route(&me.id, c));
+    async fn route_reply(&self, ty: &str, corr: Option<String>, target: Option<String>, payload: Option<&RawValue>) {
+        let me = self.me();
+        let route = corr.as_deref().and_then(|c| self.relay.hub.reply_route(&me.id, c));
         let target_id = match (&target, &route) {
             (Some(t), _) => t.clone(),
-            (None, Some((who, _))) => who.clone(),
+            (None, Some(r)) => r.requester.clone(),
             (None, None) => {
                 self.error(
                     ErrorCode::UnknownTarget,
@@ -791,22 +948,22 @@ impl Session {
             }
         };
         if self.relay.hub.role_of(&target_id) == Some(Role::Device) {
-            self.error(
-                ErrorCode::NotAllowed,
-                "devices answer operators; they cannot message other devices",
-                corr,
-            );
+            self.error(ErrorCode::NotAllowed, "devices answer operators; they cannot message other devices", corr);
             return;
         }
-        let text = Utf8Bytes::from(message::encode_routed(
-            ty,
-            corr.as_deref(),
-            Some(&target_id),
-            &me.id,
-            payload,
-        ));
+        if ty != "webrtc" {
+            if let Some(c) = &corr {
+                self.relay.hub.mark_answered(&me.id, c);
+                // A queued request is done once its result arrives.
+                let (d, c2) = (me.id.clone(), c.clone());
+                if let Err(e) = self.relay.store.call(move |s| q::ack_queued(s, &d, &c2)).await {
+                    tracing::warn!("could not clear an answered queued message: {e}");
+                }
+            }
+        }
+        let text = Utf8Bytes::from(message::encode_routed(ty, corr.as_deref(), Some(&target_id), &me.id, payload));
         // Prefer the exact connection that asked; fall back to the identity's other connections.
-        if let (None, Some((_, conn))) = (&target, &route) {
+        if let (None, Some(PendingRequest { conn: Some(conn), .. })) = (&target, &route) {
             if self.relay.hub.send_to_conn(*conn, text.clone()) {
                 self.relay.metrics.count_out(type_index(ty), 1);
                 return;
@@ -815,16 +972,43 @@ impl Session {
         match self.relay.hub.send_to(&me.org, &target_id, text) {
             Delivery::Delivered(n) => self.relay.metrics.count_out(type_index(ty), n as u64),
             Delivery::NotConnected => {
-                if self.same_org(&target_id, corr.clone()).await {
-                    self.error(
-                        ErrorCode::TargetOffline,
-                        format!("{target_id} is not connected"),
-                        corr,
-                    );
+                if target.is_none() {
+                    // The requester left; the result is recorded in the log rather than lost silently.
+                    tracing::warn!(device = %me.id, requester = %target_id, correlation = ?corr, "result for a disconnected requester was dropped");
+                } else if self.same_org(&target_id, corr.clone()).await {
+                    self.error(ErrorCode::TargetOffline, format!("{target_id} is not connected"), corr);
                 }
             }
         }
     }
+
+    /// True if `target` exists in the sender's org; otherwise answers `unknown_target`.
+    async fn same_org(&self, target: &str, corr: Option<String>) -> bool {
+        match self.relay.org_of(target).await {
+            Ok(Some(org)) if org == self.me().org => true,
+            Ok(_) => {
+                self.error(
+                    ErrorCode::UnknownTarget,
+                    format!("no device or operator {target:?} in your organisation"),
+                    corr,
+                );
+                false
+            }
+            Err(e) => {
+                tracing::error!("directory lookup failed: {e}");
+                self.error(ErrorCode::Internal, "the relay could not look up the target; try again", corr);
+                false
+            }
+        }
+    }
+}
+
+fn audit_lease(relay: &Arc<Relay>, who: &Identity, device: &str, reason: &str) {
+    if reason == "renewed" {
+        return;
+    }
+    let (relay, who, device, reason) = (relay.clone(), who.clone(), device.to_owned(), reason.to_owned());
+    tokio::spawn(async move { ops::audit(&relay, &who, &format!("lease.{reason}"), Some(&device), json!({})).await });
 }
 
 type Sink = SplitSink<Socket, Message>;
@@ -848,10 +1032,7 @@ async fn write_loop(relay: Arc<Relay>, mut sink: Sink, outbox: Arc<Outbox>) {
         };
         let result = match next {
             Next::Close(code, reason) => {
-                let frame = CloseFrame {
-                    code: code.into(),
-                    reason: reason.into(),
-                };
+                let frame = CloseFrame { code: code.into(), reason: reason.into() };
                 let _ = tokio::time::timeout(CLOSE_GRACE, async {
                     let _ = sink.send(Message::Close(Some(frame))).await;
                     let _ = sink.close().await;
@@ -859,9 +1040,7 @@ async fn write_loop(relay: Arc<Relay>, mut sink: Sink, outbox: Arc<Outbox>) {
                 .await;
                 break;
             }
-            first => {
-                tokio::time::timeout(stall, write_batch(&relay, &mut sink, &outbox, first)).await
-            }
+            first => tokio::time::timeout(stall, write_batch(&relay, &mut sink, &outbox, first)).await,
         };
         if !matches!(result, Ok(Ok(()))) {
             break;
@@ -871,21 +1050,13 @@ async fn write_loop(relay: Arc<Relay>, mut sink: Sink, outbox: Arc<Outbox>) {
 }
 
 /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
-async fn write_batch(
-    relay: &Relay,
-    sink: &mut Sink,
-    outbox: &Outbox,
-    first: Next,
-) -> Result<(), tungstenite::Error> {
+async fn write_batch(relay: &Relay, sink: &mut Sink, outbox: &Outbox, first: Next) -> Result<(), tungstenite::Error> {
     let mut item = Some(first);
     let mut n = 0;
     while let Some(next) = item.take() {
         match next {
             Next::Text(t) => {
-                relay
-                    .metrics
-                    .bytes_out
-                    .fetch_add(t.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                relay.metrics.bytes_out.fetch_add(t.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 sink.feed(Message::Text(t)).await?;
             }
             Next::Dropped { count, total } => {

@@ -22,10 +22,7 @@ pub fn serve(path: &str) -> Response<Vec<u8>> {
             }
             // The console is tiny; always revalidate so an upgraded relay serves new code.
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            h.insert(
-                "x-content-type-options",
-                HeaderValue::from_static("nosniff"),
-            );
+            h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
             r
         }
         None => {

@@ -33,6 +33,34 @@ pub struct Conn {
     pub identity: Identity,
     /// Where to put messages for it.
     pub outbox: Arc<Outbox>,
+    /// The peer's IP address, for `ip:` deny-list entries.
+    pub peer_ip: Option<String>,
+}
+
+/// A request waiting for its result.
+#[derive(Debug, Clone)]
+pub struct PendingRequest {
+    /// Who asked (operator id).
+    pub requester: String,
+    /// The requester's organisation.
+    pub org: String,
+    /// The connection that asked, if it is known (not for queued requests delivered later).
+    pub conn: Option<ConnId>,
+    /// When the requester should hear `command_timeout` if no result came.
+    pub deadline: Option<Instant>,
+    /// When it was sent.
+    pub at: Instant,
+}
+
+/// A request whose deadline passed without a result.
+#[derive(Debug, Clone)]
+pub struct TimedOut {
+    /// The device it was sent to.
+    pub device: String,
+    /// Its correlationID.
+    pub correlation_id: String,
+    /// Who asked, and on which connection.
+    pub request: PendingRequest,
 }
 
 /// Result of sending to an identity.
@@ -87,20 +115,20 @@ pub trait Hub: Send + Sync + std::fmt::Debug {
     /// Subscribes `conn` to `device`'s telemetry: queues `subscribed` (answering
     /// `correlation_id`) and then, if `replay`, the buffered frames marked as replay.
     /// Returns how many frames were replayed.
-    fn subscribe(
-        &self,
-        device: &str,
-        conn: &Arc<Conn>,
-        replay: bool,
-        correlation_id: Option<String>,
-    ) -> usize;
+    fn subscribe(&self, device: &str, conn: &Arc<Conn>, replay: bool, correlation_id: Option<String>) -> usize;
     /// Ends a subscription; false if there was none.
     fn unsubscribe(&self, device: &str, conn: ConnId) -> bool;
     /// Remembers that `requester` sent request `correlation_id` to `device`, so the device's
     /// reply (which may not name a target) finds its way back.
-    fn remember_request(&self, device: &str, correlation_id: &str, requester: &Conn, now: Instant);
-    /// Where a device's reply with `correlation_id` should go: the requester's id and connection.
-    fn reply_route(&self, device: &str, correlation_id: &str) -> Option<(String, ConnId)>;
+    fn remember_request(&self, device: &str, correlation_id: &str, request: PendingRequest);
+    /// Where a device's reply with `correlation_id` should go.
+    fn reply_route(&self, device: &str, correlation_id: &str) -> Option<PendingRequest>;
+    /// The device sent the result of `correlation_id`: its deadline no longer applies.
+    fn mark_answered(&self, device: &str, correlation_id: &str);
+    /// Removes and returns requests whose deadline has passed.
+    fn take_timed_out(&self, now: Instant) -> Vec<TimedOut>;
+    /// Queues a control message (presence, lease state) for every subscriber of `device`.
+    fn notify_subscribers(&self, device: &str, text: Utf8Bytes);
     /// Live connections by role.
     fn counts(&self) -> ConnCounts;
     /// Ids of connected devices.
@@ -130,7 +158,7 @@ struct Channel {
 pub struct LocalHub {
     registry: RwLock<Registry>,
     channels: Mutex<HashMap<String, Arc<Mutex<Channel>>>>,
-    replies: Mutex<HashMap<(String, String), (String, ConnId, Instant)>>,
+    replies: Mutex<HashMap<(String, String), PendingRequest>>,
     buffer_size: usize,
 }
 
@@ -169,10 +197,7 @@ impl Hub for LocalHub {
                 }
             }
         }
-        reg.by_identity
-            .entry(conn.identity.id.clone())
-            .or_default()
-            .push(conn.id);
+        reg.by_identity.entry(conn.identity.id.clone()).or_default().push(conn.id);
         reg.conns.insert(conn.id, conn);
         replaced
     }
@@ -218,18 +243,12 @@ impl Hub for LocalHub {
                 }
             }
         }
-        if n == 0 {
-            Delivery::NotConnected
-        } else {
-            Delivery::Delivered(n)
-        }
+        if n == 0 { Delivery::NotConnected } else { Delivery::Delivered(n) }
     }
 
     fn send_to_conn(&self, conn: ConnId, text: Utf8Bytes) -> bool {
         let reg = self.registry.read();
-        reg.conns
-            .get(&conn)
-            .is_some_and(|c| c.outbox.push_control(text).is_ok())
+        reg.conns.get(&conn).is_some_and(|c| c.outbox.push_control(text).is_ok())
     }
 
     fn publish_telemetry(&self, device: &str, live: Utf8Bytes) -> FanOut {
@@ -254,35 +273,18 @@ impl Hub for LocalHub {
         out
     }
 
-    fn subscribe(
-        &self,
-        device: &str,
-        conn: &Arc<Conn>,
-        replay: bool,
-        correlation_id: Option<String>,
-    ) -> usize {
-        self.registry
-            .write()
-            .subs_by_conn
-            .entry(conn.id)
-            .or_default()
-            .insert(device.to_owned());
+    fn subscribe(&self, device: &str, conn: &Arc<Conn>, replay: bool, correlation_id: Option<String>) -> usize {
+        self.registry.write().subs_by_conn.entry(conn.id).or_default().insert(device.to_owned());
         let online = self.is_online(device);
         let channel = self.channel(device);
         let mut ch = channel.lock();
         let replayed = if replay { ch.buffer.len() } else { 0 };
-        let mut answer = Envelope::new(Subscribed {
-            device_id: device.to_owned(),
-            online,
-            replayed,
-        });
+        let mut answer = Envelope::new(Subscribed { device_id: device.to_owned(), online, replayed });
         answer.correlation_id = correlation_id;
         let _ = conn.outbox.push_control(answer.to_json());
         if replay {
             for frame in &ch.buffer {
-                let _ = conn
-                    .outbox
-                    .push_telemetry(Utf8Bytes::from(mark_replay(frame.as_str())));
+                let _ = conn.outbox.push_telemetry(Utf8Bytes::from(mark_replay(frame.as_str())));
             }
         }
         ch.subscribers.insert(conn.id, conn.outbox.clone());
@@ -290,28 +292,44 @@ impl Hub for LocalHub {
     }
 
     fn unsubscribe(&self, device: &str, conn: ConnId) -> bool {
-        let had = self
-            .registry
-            .write()
-            .subs_by_conn
-            .get_mut(&conn)
-            .is_some_and(|s| s.remove(device));
+        let had = self.registry.write().subs_by_conn.get_mut(&conn).is_some_and(|s| s.remove(device));
         self.channel(device).lock().subscribers.remove(&conn);
         had
     }
 
-    fn remember_request(&self, device: &str, correlation_id: &str, requester: &Conn, now: Instant) {
-        self.replies.lock().insert(
-            (device.to_owned(), correlation_id.to_owned()),
-            (requester.identity.id.clone(), requester.id, now),
-        );
+    fn remember_request(&self, device: &str, correlation_id: &str, request: PendingRequest) {
+        self.replies.lock().insert((device.to_owned(), correlation_id.to_owned()), request);
     }
 
-    fn reply_route(&self, device: &str, correlation_id: &str) -> Option<(String, ConnId)> {
-        self.replies
-            .lock()
-            .get(&(device.to_owned(), correlation_id.to_owned()))
-            .map(|(who, conn, _)| (who.clone(), *conn))
+    fn reply_route(&self, device: &str, correlation_id: &str) -> Option<PendingRequest> {
+        self.replies.lock().get(&(device.to_owned(), correlation_id.to_owned())).cloned()
+    }
+
+    fn mark_answered(&self, device: &str, correlation_id: &str) {
+        if let Some(r) = self.replies.lock().get_mut(&(device.to_owned(), correlation_id.to_owned())) {
+            r.deadline = None;
+        }
+    }
+
+    fn take_timed_out(&self, now: Instant) -> Vec<TimedOut> {
+        let mut out = Vec::new();
+        self.replies.lock().retain(|(device, corr), r| {
+            if r.deadline.is_some_and(|d| d <= now) {
+                out.push(TimedOut { device: device.clone(), correlation_id: corr.clone(), request: r.clone() });
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+
+    fn notify_subscribers(&self, device: &str, text: Utf8Bytes) {
+        let channel = self.channel(device);
+        let ch = channel.lock();
+        for outbox in ch.subscribers.values() {
+            let _ = outbox.push_control(text.clone());
+        }
     }
 
     fn counts(&self) -> ConnCounts {
@@ -329,11 +347,7 @@ impl Hub for LocalHub {
 
     fn online_devices(&self) -> Vec<String> {
         let reg = self.registry.read();
-        reg.conns
-            .values()
-            .filter(|c| c.identity.role == Role::Device)
-            .map(|c| c.identity.id.clone())
-            .collect()
+        reg.conns.values().filter(|c| c.identity.role == Role::Device).map(|c| c.identity.id.clone()).collect()
     }
 
     fn connections(&self) -> Vec<Arc<Conn>> {
@@ -341,9 +355,7 @@ impl Hub for LocalHub {
     }
 
     fn sweep(&self, now: Instant) {
-        self.replies
-            .lock()
-            .retain(|_, (_, _, at)| now.duration_since(*at) < REPLY_ROUTE_TTL);
+        self.replies.lock().retain(|_, r| r.deadline.is_some() || now.duration_since(r.at) < REPLY_ROUTE_TTL);
     }
 }
 
@@ -360,8 +372,11 @@ mod tests {
                 org: org.into(),
                 role,
                 name: who.into(),
+                credential: None,
+                ticket: None,
             },
             outbox: Arc::new(Outbox::new(16, 4)),
+            peer_ip: None,
         })
     }
 
@@ -380,9 +395,7 @@ mod tests {
         for i in 0..3 {
             hub.publish_telemetry(
                 "d",
-                Utf8Bytes::from(format!(
-                    r#"{{"type":"telemetry","payload":{{"n":{i},"relay":{{"a":1}}}}}}"#
-                )),
+                Utf8Bytes::from(format!(r#"{{"type":"telemetry","payload":{{"n":{i},"relay":{{"a":1}}}}}}"#)),
             );
         }
         let p = conn(2, "p", "o", Role::Pilot);
@@ -404,24 +417,15 @@ mod tests {
     fn routing_stays_inside_the_org_and_devices_are_replaced() {
         let hub = LocalHub::new(0);
         hub.attach(conn(1, "d", "org-a", Role::Device));
-        assert_eq!(
-            hub.send_to("org-b", "d", Utf8Bytes::from_static("x")),
-            Delivery::NotConnected
-        );
-        assert_eq!(
-            hub.send_to("org-a", "d", Utf8Bytes::from_static("x")),
-            Delivery::Delivered(1)
-        );
+        assert_eq!(hub.send_to("org-b", "d", Utf8Bytes::from_static("x")), Delivery::NotConnected);
+        assert_eq!(hub.send_to("org-a", "d", Utf8Bytes::from_static("x")), Delivery::Delivered(1));
         let replaced = hub.attach(conn(2, "d", "org-a", Role::Device));
         assert_eq!(replaced.len(), 1);
         assert_eq!(hub.counts().device, 1);
         // Operators may hold several connections.
         hub.attach(conn(3, "op", "org-a", Role::Pilot));
         hub.attach(conn(4, "op", "org-a", Role::Pilot));
-        assert_eq!(
-            hub.send_to("org-a", "op", Utf8Bytes::from_static("x")),
-            Delivery::Delivered(2)
-        );
+        assert_eq!(hub.send_to("org-a", "op", Utf8Bytes::from_static("x")), Delivery::Delivered(2));
     }
 
     #[test]
@@ -430,17 +434,9 @@ mod tests {
         let p = conn(2, "p", "o", Role::Pilot);
         hub.attach(p.clone());
         hub.subscribe("d", &p, false, None);
-        assert_eq!(
-            hub.publish_telemetry("d", Utf8Bytes::from_static("{}"))
-                .delivered,
-            1
-        );
+        assert_eq!(hub.publish_telemetry("d", Utf8Bytes::from_static("{}")).delivered, 1);
         hub.detach(&p);
-        assert_eq!(
-            hub.publish_telemetry("d", Utf8Bytes::from_static("{}"))
-                .delivered,
-            0
-        );
+        assert_eq!(hub.publish_telemetry("d", Utf8Bytes::from_static("{}")).delivered, 0);
         assert!(!hub.is_online("p"));
     }
 }

@@ -6,12 +6,17 @@
 //! connection's bounded outbound queue; [`auth`] and [`store`] hold identity and state;
 //! [`metrics`] counts.
 
+pub mod access;
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod console;
 pub mod hub;
+pub mod leases;
+pub mod limits;
 pub mod metrics;
+pub mod ops;
 pub mod outbox;
 pub mod routes;
 pub mod server;
@@ -47,10 +52,7 @@ pub struct RelayClock {
 
 impl Default for RelayClock {
     fn default() -> Self {
-        RelayClock {
-            base_unix_ms: store::now_ms() as f64,
-            base: Instant::now(),
-        }
+        RelayClock { base_unix_ms: store::now_ms() as f64, base: Instant::now() }
     }
 }
 
@@ -82,6 +84,12 @@ pub struct Relay {
     pub hasher: Hasher,
     /// One-time WebSocket tickets.
     pub tickets: Tickets,
+    /// Permissions and the deny list.
+    pub access: access::Access,
+    /// Control leases.
+    pub leases: leases::Leases,
+    /// Rate limits.
+    pub limits: limits::Limits,
     /// Routing between connections.
     pub hub: Arc<dyn Hub>,
     /// Counters for `/metrics`.
@@ -103,7 +111,16 @@ impl Relay {
     /// Assembles the shared state.
     pub fn new(config: RelayConfig, store: Store, hub: Arc<dyn Hub>) -> Self {
         let tickets = Tickets::new(config.ticket_lifetime());
+        let limits = limits::Limits::new(limits::Defaults {
+            messages_per_second: config.messages_per_second,
+            bytes_per_second: config.bytes_per_second,
+            connections_per_minute: config.connections_per_minute,
+            auth_failures_per_minute: config.auth_failures_per_minute,
+        });
         Relay {
+            access: access::Access::default(),
+            leases: leases::Leases::new(config.lease_lifetime()),
+            limits,
             config,
             store,
             hasher: Hasher::default(),
@@ -127,11 +144,7 @@ impl Relay {
 
     /// The telemetry state of `device`, created on first use.
     pub fn device_telemetry(&self, device: &str) -> Arc<Mutex<DeviceTelemetry>> {
-        self.devices
-            .lock()
-            .entry(device.to_owned())
-            .or_default()
-            .clone()
+        self.devices.lock().entry(device.to_owned()).or_default().clone()
     }
 
     /// Notes that `device` was connected at `at_ms`; written to the store in batches.
@@ -154,8 +167,6 @@ impl Relay {
     /// The org of a device or operator id, from the store.
     pub async fn org_of(&self, id: &str) -> Result<Option<String>, store::StoreError> {
         let id = id.to_owned();
-        self.store
-            .call(move |c| store::q::principal_org(c, &id))
-            .await
+        self.store.call(move |c| store::q::principal_org(c, &id)).await
     }
 }

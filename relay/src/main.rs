@@ -108,13 +108,9 @@ enum KeyCmd {
 }
 
 fn init_logging(level: &str) {
-    let debug_mode = std::env::var("DEBUG_MODE")
-        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
-    let level = if debug_mode {
-        "debug".to_owned()
-    } else {
-        level.to_ascii_lowercase()
-    };
+    let debug_mode =
+        std::env::var("DEBUG_MODE").is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    let level = if debug_mode { "debug".to_owned() } else { level.to_ascii_lowercase() };
     let filter = tracing_subscriber::EnvFilter::try_new(&level).unwrap_or_else(|e| {
         eprintln!("LOG_LEVEL {level:?} is not a valid filter ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
@@ -191,15 +187,14 @@ fn manage(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("cannot listen for SIGTERM: {e}");
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -216,14 +211,11 @@ async fn main() -> anyhow::Result<()> {
         None | Some(Command::Serve) => {}
         Some(Command::Init) => {
             let store = Store::open(&cli.config.db_path()).context("opening the store")?;
-            let b = relay::server::bootstrap(&store, cli.config.admin_key.as_deref())
-                .context("initialising the store")?;
+            let b =
+                relay::server::bootstrap(&store, cli.config.admin_key.as_deref()).context("initialising the store")?;
             print_bootstrap(b.as_ref());
             if b.is_none() {
-                eprintln!(
-                    "The store at {} is already initialised.",
-                    cli.config.db_path().display()
-                );
+                eprintln!("The store at {} is already initialised.", cli.config.db_path().display());
             }
             return Ok(());
         }
@@ -233,9 +225,7 @@ async fn main() -> anyhow::Result<()> {
     if cli.config.max_message_size < 1024 {
         bail!("--max-message-size must be at least 1024 bytes");
     }
-    let running = relay::start(cli.config.clone())
-        .await
-        .context("starting the relay")?;
+    let running = relay::start(cli.config.clone()).await.context("starting the relay")?;
     print_bootstrap(running.bootstrap.as_ref());
     println!("tether-relay listening on http://{}", running.addr);
     shutdown_signal().await;

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub connections_opened: AtomicU64,
     /// Connections closed because their control queue overflowed.
     pub slow_consumers: AtomicU64,
+    /// Messages refused by rate limits.
+    pub rate_limited: AtomicU64,
     errors: [AtomicU64; 32], // more than ErrorCode::ALL.len(); checked by a test
 }
 
@@ -68,6 +70,7 @@ impl Default for Metrics {
             auth_failures: AtomicU64::new(0),
             connections_opened: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -108,11 +111,7 @@ impl Metrics {
             o,
             "# HELP tether_connections Live authenticated connections by role.\n# TYPE tether_connections gauge"
         );
-        for (role, n) in [
-            ("device", conns.device),
-            ("pilot", conns.pilot),
-            ("admin", conns.admin),
-        ] {
+        for (role, n) in [("device", conns.device), ("pilot", conns.pilot), ("admin", conns.admin)] {
             let _ = writeln!(o, "tether_connections{{role=\"{role}\"}} {n}");
         }
         counter(
@@ -128,11 +127,7 @@ impl Metrics {
         for (i, c) in self.messages_in.iter().enumerate() {
             let v = c.load(Relaxed);
             if v > 0 {
-                let _ = writeln!(
-                    o,
-                    "tether_messages_in_total{{type=\"{}\"}} {v}",
-                    type_label(i)
-                );
+                let _ = writeln!(o, "tether_messages_in_total{{type=\"{}\"}} {v}", type_label(i));
             }
         }
         let _ = writeln!(
@@ -142,25 +137,11 @@ impl Metrics {
         for (i, c) in self.messages_out.iter().enumerate() {
             let v = c.load(Relaxed);
             if v > 0 {
-                let _ = writeln!(
-                    o,
-                    "tether_messages_out_total{{type=\"{}\"}} {v}",
-                    type_label(i)
-                );
+                let _ = writeln!(o, "tether_messages_out_total{{type=\"{}\"}} {v}", type_label(i));
             }
         }
-        counter(
-            &mut o,
-            "tether_bytes_in_total",
-            "Bytes received in text frames.",
-            self.bytes_in.load(Relaxed),
-        );
-        counter(
-            &mut o,
-            "tether_bytes_out_total",
-            "Bytes sent in text frames.",
-            self.bytes_out.load(Relaxed),
-        );
+        counter(&mut o, "tether_bytes_in_total", "Bytes received in text frames.", self.bytes_in.load(Relaxed));
+        counter(&mut o, "tether_bytes_out_total", "Bytes sent in text frames.", self.bytes_out.load(Relaxed));
         counter(
             &mut o,
             "tether_telemetry_delivered_total",
@@ -203,11 +184,12 @@ impl Metrics {
             "Telemetry sequence counter restarts.",
             self.sequence_resets.load(Relaxed),
         );
+        counter(&mut o, "tether_auth_failures_total", "Failed authentications.", self.auth_failures.load(Relaxed));
         counter(
             &mut o,
-            "tether_auth_failures_total",
-            "Failed authentications.",
-            self.auth_failures.load(Relaxed),
+            "tether_rate_limited_total",
+            "Messages refused by rate limits.",
+            self.rate_limited.load(Relaxed),
         );
         counter(
             &mut o,
@@ -215,10 +197,8 @@ impl Metrics {
             "Connections closed because they stopped reading.",
             self.slow_consumers.load(Relaxed),
         );
-        let _ = writeln!(
-            o,
-            "# HELP tether_errors_total Error messages sent, by code.\n# TYPE tether_errors_total counter"
-        );
+        let _ =
+            writeln!(o, "# HELP tether_errors_total Error messages sent, by code.\n# TYPE tether_errors_total counter");
         for (i, code) in ERROR_CODES.iter().enumerate() {
             let v = self.errors[i].load(Relaxed);
             if v > 0 {

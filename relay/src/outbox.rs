@@ -173,10 +173,7 @@ impl Outbox {
         }
         if s.dropped_unreported > 0 && !s.telemetry.is_empty() {
             let count = std::mem::take(&mut s.dropped_unreported);
-            return Some(Next::Dropped {
-                count,
-                total: s.dropped_total,
-            });
+            return Some(Next::Dropped { count, total: s.dropped_total });
         }
         s.telemetry.pop_front().map(Next::Text)
     }

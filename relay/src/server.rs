@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use signaling::{Envelope, ErrorCode};
 use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::auth::{self, BOOTSTRAP_KEY_ID, MACHINE_SECRET_COST};
 use crate::hub::LocalHub;
@@ -68,19 +70,14 @@ pub fn bootstrap(store: &Store, admin_key: Option<&str>) -> Result<Option<Bootst
         let generated_key = match admin_key {
             Some(key) => {
                 let (key_id, secret) = auth::parse_api_key(key).unwrap_or((BOOTSTRAP_KEY_ID, key));
-                let hash = bcrypt::hash(secret, MACHINE_SECRET_COST)
-                    .map_err(|e| StoreError::Task(e.to_string()))?;
+                let hash = bcrypt::hash(secret, MACHINE_SECRET_COST).map_err(|e| StoreError::Task(e.to_string()))?;
                 q::create_api_key(&tx, key_id, &op_id, &hash, Some("bootstrap"))?;
                 None
             }
             None => Some(auth::issue_api_key_sync(&tx, &op_id, Some("bootstrap"))?),
         };
         tx.commit()?;
-        Ok(Some(Bootstrap {
-            org: org.name,
-            username: "admin".into(),
-            generated_key,
-        }))
+        Ok(Some(Bootstrap { org: org.name, username: "admin".into(), generated_key }))
     })
 }
 
@@ -89,15 +86,14 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
     let store = Store::open(&config.db_path())?;
     let bootstrap = bootstrap(&store, config.admin_key.as_deref())?;
     let addr = SocketAddr::new(config.bind, config.port);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
+    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
     let hub = Arc::new(LocalHub::new(config.telemetry_buffer_size));
     let relay = Arc::new(Relay::new(config, store, hub));
 
+    if let Err(e) = relay.access.reload_denies(&relay.store).await {
+        tracing::error!("could not load the deny list: {e}");
+    }
     relay.tasks.spawn(housekeeping(relay.clone()));
     let shutdown = relay.shutdown.clone();
     let server = warp::serve(routes::routes(relay.clone()))
@@ -105,12 +101,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
         .graceful(async move { shutdown.cancelled().await });
     let server = tokio::spawn(server.run());
     tracing::info!(%addr, db = %relay.store.path().display(), "relay listening");
-    Ok(RunningRelay {
-        addr,
-        relay,
-        bootstrap,
-        server,
-    })
+    Ok(RunningRelay { addr, relay, bootstrap, server })
 }
 
 /// Periodic work: expired tickets and reply routes, batched last-seen writes.
@@ -125,10 +116,62 @@ async fn housekeeping(relay: Arc<Relay>) {
         let now = Instant::now();
         relay.tickets.sweep(now);
         relay.hub.sweep(now);
+        for t in relay.hub.take_timed_out(now) {
+            let text = Utf8Bytes::from(
+                Envelope::error(
+                    ErrorCode::CommandTimeout,
+                    format!("{} did not report a result in time", t.device),
+                    Some(t.correlation_id.clone()),
+                )
+                .to_json(),
+            );
+            relay.metrics.count_error(ErrorCode::CommandTimeout);
+            let sent = t.request.conn.is_some_and(|c| relay.hub.send_to_conn(c, text.clone()));
+            if !sent {
+                relay.hub.send_to(&t.request.org, &t.request.requester, text);
+            }
+        }
+        for (device, org) in relay.leases.expire(now) {
+            relay.leases.announce(&relay, &org, &device, "expired");
+        }
         n += 1;
         if n % 10 == 0 {
             relay.flush_presence().await;
+            relay.limits.sweep();
+            expire_queued(&relay).await;
         }
+    }
+}
+
+/// Tells the senders of queued messages that expired before their device came back.
+async fn expire_queued(relay: &Relay) {
+    let expired = match relay.store.call(q::take_expired).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("offline queue expiry failed: {e}");
+            return;
+        }
+    };
+    for (target, row) in expired {
+        tracing::info!(%target, sender = %row.sender_id, kind = %row.msg_type, "queued message expired");
+        let text = Utf8Bytes::from(
+            Envelope::error(
+                ErrorCode::Expired,
+                format!("{} stayed offline; the queued {} expired undelivered", target, row.msg_type),
+                row.correlation_id.clone(),
+            )
+            .to_json(),
+        );
+        relay.metrics.count_error(ErrorCode::Expired);
+        if let Ok(Some(org)) = relay.org_of(&row.sender_id).await {
+            relay.hub.send_to(&org, &row.sender_id, text);
+        }
+        let detail = serde_json::json!({"target": target, "type": row.msg_type, "correlationID": row.correlation_id});
+        let (org, sender) = (relay.org_of(&target).await.ok().flatten(), row.sender_id.clone());
+        let _ = relay
+            .store
+            .call(move |c| q::audit(c, org.as_deref(), "relay", "queue.expired", Some(&sender), Some(&detail)))
+            .await;
     }
 }
 
@@ -140,10 +183,7 @@ impl RunningRelay {
         relay.shutdown.cancel();
         let _ = tokio::time::timeout(grace, self.server).await;
         relay.tasks.close();
-        if tokio::time::timeout(grace, relay.tasks.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, relay.tasks.wait()).await.is_err() {
             tracing::warn!("some connections did not close within {grace:?}");
         }
         relay.flush_presence().await;

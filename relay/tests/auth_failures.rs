@@ -29,18 +29,17 @@ async fn wrong_secret_in_first_message_is_refused_and_right_one_works() {
     let r = start_relay().await;
     let secret = r.create_device("boat-1", "default");
     let mut c = Client::connect(&r.ws_url("/ws?clientID=boat-1"), None).await;
-    c.send(json!({"type":"auth","correlationID":"a1","payload":{"clientSecret":"nope"}}))
-        .await;
+    c.send(json!({"type":"auth","correlationID":"a1","payload":{"clientSecret":"nope"}})).await;
     let e = c.recv().await;
     assert_eq!(e["correlationID"], "a1");
     assert_eq!(e["payload"]["code"], "auth_failed");
     c.expect_close().await;
 
     let mut c = Client::connect(&r.ws_url("/ws?clientID=boat-1"), None).await;
-    c.send(json!({"type":"auth","payload":{"clientSecret":secret}}))
-        .await;
+    c.send(json!({"type":"auth","payload":{"clientSecret":secret}})).await;
     let ok = c.recv().await;
     assert_eq!(ok["type"], "auth_ok");
+    assert_eq!(c.recv().await["type"], "lease_state");
     assert_eq!(ok["payload"]["clientID"], "boat-1");
     assert_eq!(ok["payload"]["role"], "device");
     r.stop().await;
@@ -59,8 +58,7 @@ async fn anything_before_auth_is_refused() {
     let r = start_relay().await;
     r.create_device("boat-1", "default");
     let mut c = Client::connect(&r.ws_url("/ws?clientID=boat-1"), None).await;
-    c.send(json!({"type":"telemetry","payload":{"sequence":1,"timestamp":1}}))
-        .await;
+    c.send(json!({"type":"telemetry","payload":{"sequence":1,"timestamp":1}})).await;
     refused(&mut c, "not_authenticated").await;
     r.stop().await;
 }
@@ -77,10 +75,7 @@ async fn silence_after_connect_times_out() {
 async fn register_without_handshake_keys_is_an_invalid_key() {
     let r = start_relay().await;
     let mut c = Client::connect(&r.ws_url("/ws"), None).await;
-    c.send(
-        json!({"type":"register","payload":{"name":"Client-1","handshakeKey":"group-default123"}}),
-    )
-    .await;
+    c.send(json!({"type":"register","payload":{"name":"Client-1","handshakeKey":"group-default123"}})).await;
     refused(&mut c, "invalid_handshake_key").await;
     r.stop().await;
 }
@@ -89,12 +84,7 @@ async fn register_without_handshake_keys_is_an_invalid_key() {
 async fn bad_api_keys_get_401_json() {
     let r = start_relay().await;
     let http = reqwest::Client::new();
-    for auth in [
-        None,
-        Some("Bearer tk_nope_nope"),
-        Some("Bearer garbage"),
-        Some("Basic abc"),
-    ] {
+    for auth in [None, Some("Bearer tk_nope_nope"), Some("Bearer garbage"), Some("Basic abc")] {
         let mut req = http.post(r.http("/api/auth/ws-ticket"));
         if let Some(a) = auth {
             req = req.header("authorization", a);
@@ -104,26 +94,11 @@ async fn bad_api_keys_get_401_json() {
         let v: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(v["error"]["code"], "auth_failed");
     }
-    let metrics = reqwest::get(r.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("tether_auth_failures_total 2"),
-        "{metrics}"
-    );
+    let metrics = reqwest::get(r.http("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tether_auth_failures_total 2"), "{metrics}");
     // The admin key from the config works, and /api/me describes it.
-    let me: serde_json::Value = http
-        .get(r.http("/api/me"))
-        .bearer_auth(&r.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: serde_json::Value =
+        http.get(r.http("/api/me")).bearer_auth(&r.admin_key).send().await.unwrap().json().await.unwrap();
     assert_eq!(me["role"], "admin");
     assert_eq!(me["org"], "default");
     let _ = Duration::ZERO;

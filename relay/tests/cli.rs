@@ -31,11 +31,7 @@ fn relay_cmd(db: &std::path::Path) -> Command {
 
 fn json_out(c: &mut Command) -> Value {
     let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -44,9 +40,9 @@ fn store_subcommands_create_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     json_out(relay_cmd(&db).args(["org", "create", "acme", "--json"]));
-    let dev = json_out(relay_cmd(&db).args([
-        "device", "create", "--org", "acme", "--name", "Boat", "--id", "boat-1", "--json",
-    ]));
+    let dev = json_out(
+        relay_cmd(&db).args(["device", "create", "--org", "acme", "--name", "Boat", "--id", "boat-1", "--json"]),
+    );
     assert_eq!(dev["clientID"], "boat-1");
     assert_eq!(dev["clientSecret"].as_str().unwrap().len(), 64);
     let op = json_out(relay_cmd(&db).args([
@@ -68,28 +64,17 @@ fn store_subcommands_create_credentials() {
     let hay = String::from_utf8_lossy(&raw);
     assert!(!hay.contains(dev["clientSecret"].as_str().unwrap()));
     // Mistakes are explained.
-    let out = relay_cmd(&db)
-        .args(["device", "create", "--org", "nope", "--name", "X"])
-        .output()
-        .unwrap();
+    let out = relay_cmd(&db).args(["device", "create", "--org", "nope", "--name", "X"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("organisation \"nope\" not found"));
     let out = relay_cmd(&db)
-        .args([
-            "device", "create", "--org", "acme", "--name", "Boat", "--id", "boat-1",
-        ])
+        .args(["device", "create", "--org", "acme", "--name", "Boat", "--id", "boat-1"])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     let out = relay_cmd(&db).args(["--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in [
-        "--port",
-        "[env: PORT=]",
-        "PING_INTERVAL",
-        "TELEMETRY_BUFFER_SIZE",
-        "CONNECTION_TIMEOUT",
-    ] {
+    for flag in ["--port", "[env: PORT=]", "PING_INTERVAL", "TELEMETRY_BUFFER_SIZE", "CONNECTION_TIMEOUT"] {
         assert!(help.contains(flag), "help mentions {flag}: {help}");
     }
 }
@@ -99,31 +84,16 @@ async fn first_start_prints_a_key_and_sigterm_closes_with_1001() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     let mut child = tokio::process::Command::from(relay_cmd(&db));
-    child
-        .args(["--port", "0", "--bind", "127.0.0.1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    child.args(["--port", "0", "--bind", "127.0.0.1"]).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let mut child = child.spawn().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(20), stdout.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let addr = line
-        .strip_prefix("tether-relay listening on http://")
-        .expect(&line)
-        .to_owned();
+    let line = tokio::time::timeout(Duration::from_secs(20), stdout.next_line()).await.unwrap().unwrap().unwrap();
+    let addr = line.strip_prefix("tether-relay listening on http://").expect(&line).to_owned();
     // The first-start banner carries the admin key.
     let mut key = None;
     while key.is_none() {
-        let l = tokio::time::timeout(Duration::from_secs(10), stderr.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let l = tokio::time::timeout(Duration::from_secs(10), stderr.next_line()).await.unwrap().unwrap().unwrap();
         if let Some(k) = l.trim().strip_prefix("tk_") {
             key = Some(format!("tk_{k}"));
         }
@@ -138,31 +108,15 @@ async fn first_start_prints_a_key_and_sigterm_closes_with_1001() {
         .json()
         .await
         .unwrap();
-    let mut ws = Client::connect(
-        &format!(
-            "ws://{addr}/ws/admin?ticket={}",
-            t["ticket"].as_str().unwrap()
-        ),
-        None,
-    )
-    .await;
+    let mut ws = Client::connect(&format!("ws://{addr}/ws/admin?ticket={}", t["ticket"].as_str().unwrap()), None).await;
     assert_eq!(ws.recv().await["type"], "auth_ok");
     tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
 
     let pid = child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     assert_eq!(ws.recv().await["payload"]["code"], "shutting_down");
     assert_eq!(u16::from(ws.expect_close().await.unwrap().code), 1001);
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "{status:?}");
 
     // A second start finds the admin and prints no new key.
@@ -175,18 +129,8 @@ async fn first_start_prints_a_key_and_sigterm_closes_with_1001() {
         .unwrap();
     let mut out = out;
     let mut lines = BufReader::new(out.stdout.take().unwrap()).lines();
-    tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    Command::new("kill")
-        .args(["-TERM", &out.id().unwrap().to_string()])
-        .status()
-        .unwrap();
-    let res = tokio::time::timeout(Duration::from_secs(20), out.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
+    Command::new("kill").args(["-TERM", &out.id().unwrap().to_string()]).status().unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(20), out.wait_with_output()).await.unwrap().unwrap();
     assert!(!String::from_utf8_lossy(&res.stderr).contains("FIRST START"));
 }

@@ -20,10 +20,7 @@ async fn age_is_corrected_by_the_device_clock_offset() {
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut answered = 0;
     while answered < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "relay sent no time_sync"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "relay sent no time_sync");
         dev.auto_time_sync = false;
         let m = dev.recv().await;
         if m["type"] == "time_sync" {
@@ -42,17 +39,12 @@ async fn age_is_corrected_by_the_device_clock_offset() {
     dev.telemetry(1, sampled.floor(), json!({})).await;
     let f = p.recv_type("telemetry").await;
     let rel = &f["payload"]["relay"];
-    let offset = rel["clockOffsetMs"]
-        .as_f64()
-        .expect("offset present after sync");
+    let offset = rel["clockOffsetMs"].as_f64().expect("offset present after sync");
     let age = rel["ageMs"].as_f64().expect("age present after sync");
     let unc = rel["clockUncertaintyMs"].as_f64().unwrap();
     assert!((offset - 5_000.0).abs() < 250.0, "offset {offset}");
     // Without correction the age would read about -4800 ms.
-    assert!(
-        age > 100.0 && age < 1_500.0,
-        "age {age} (uncertainty {unc})"
-    );
+    assert!(age > 100.0 && age < 1_500.0, "age {age} (uncertainty {unc})");
     r.stop().await;
 }
 

@@ -16,22 +16,14 @@ async fn execute_command_round_trip() {
     let mut p = r.operator(&key).await;
     let mut bystander = r.operator(&other).await;
 
-    p.send(
-        json!({"type":"execute_command","correlationID":"cmd-1","clientID":"boat-1","from":"forged",
-        "payload":{"command":"ls","args":["-l","/tmp"],"cwd":"/"}}),
-    )
-    .await;
+    p.send(json!({"type":"execute_command","correlationID":"cmd-1","clientID":"boat-1","from":"forged",
+        "payload":{"command":"ls","args":["-l","/tmp"],"cwd":"/"}}))
+        .await;
     let req = dev.recv_type("execute_command").await;
-    assert_eq!(
-        req["from"], "op-ana",
-        "the relay stamps from; a client cannot choose it"
-    );
+    assert_eq!(req["from"], "op-ana", "the relay stamps from; a client cannot choose it");
     assert_eq!(req["correlationID"], "cmd-1");
     assert_eq!(req["payload"]["args"], json!(["-l", "/tmp"]));
-    assert_eq!(
-        req["payload"]["cwd"], "/",
-        "unknown payload fields pass through"
-    );
+    assert_eq!(req["payload"]["cwd"], "/", "unknown payload fields pass through");
 
     dev.send(json!({"type":"command_output","correlationID":"cmd-1",
         "payload":{"stdout":"total 0\n","stderr":"","exitCode":0,"durationMs":3}}))
@@ -39,20 +31,11 @@ async fn execute_command_round_trip() {
     let out = p.recv_type("command_output").await;
     assert_eq!(out["from"], "boat-1");
     assert_eq!(out["payload"]["stdout"], "total 0\n");
-    assert!(
-        bystander
-            .try_recv(std::time::Duration::from_millis(300))
-            .await
-            .is_none()
-    );
+    assert!(bystander.try_recv(std::time::Duration::from_millis(300)).await.is_none());
 
     // A reply nobody asked for is refused, not broadcast.
-    dev.send(json!({"type":"command_output","correlationID":"never-sent","payload":{}}))
-        .await;
-    assert_eq!(
-        dev.recv_type("error").await["payload"]["code"],
-        "unknown_target"
-    );
+    dev.send(json!({"type":"command_output","correlationID":"never-sent","payload":{}})).await;
+    assert_eq!(dev.recv_type("error").await["payload"]["code"], "unknown_target");
     r.stop().await;
 }
 
@@ -67,7 +50,10 @@ async fn webrtc_signaling_is_routed_both_ways() {
     let offer = dev.recv_type("webrtc").await;
     assert_eq!(offer["payload"]["sdp"], "v=0");
     assert_eq!(offer["from"], "op-ana");
-    dev.send(json!({"type":"webrtc","clientID":"op-ana","payload":{"subtype":"answer","sessionID":"s1","sdp":"v=0 answer"}})).await;
+    dev.send(
+        json!({"type":"webrtc","clientID":"op-ana","payload":{"subtype":"answer","sessionID":"s1","sdp":"v=0 answer"}}),
+    )
+    .await;
     let answer = p.recv_type("webrtc").await;
     assert_eq!(answer["payload"]["subtype"], "answer");
     assert_eq!(answer["from"], "boat-1");
@@ -82,12 +68,7 @@ async fn a_newer_device_connection_replaces_the_older() {
     let _new = r.device("boat-1", &secret).await;
     assert_eq!(old.recv_type("error").await["payload"]["code"], "replaced");
     assert_eq!(u16::from(old.expect_close().await.unwrap().code), 4409);
-    let health: serde_json::Value = reqwest::get(r.http("/health"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: serde_json::Value = reqwest::get(r.http("/health")).await.unwrap().json().await.unwrap();
     assert_eq!(health["connections"]["device"], 1);
     r.stop().await;
 }

@@ -49,10 +49,7 @@ async fn console_logs_in_and_shows_live_telemetry() {
     publisher.abort();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "browser test failed:\n{stdout}\n{stderr}"
-    );
+    assert!(out.status.success(), "browser test failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("console e2e: all steps passed"), "{stdout}");
     r.stop().await;
 }

@@ -31,10 +31,7 @@ async fn health_is_200_with_counts_and_503_when_the_store_is_locked() {
     assert_eq!(resp.status(), 503);
     let h: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(h["store"]["status"], "error");
-    assert!(
-        h["store"]["message"].as_str().unwrap().contains("lock"),
-        "{h}"
-    );
+    assert!(h["store"]["message"].as_str().unwrap().contains("lock"), "{h}");
     locker.execute_batch("ROLLBACK").unwrap();
     assert_eq!(reqwest::get(r.http("/health")).await.unwrap().status(), 200);
     r.stop().await;
@@ -46,16 +43,10 @@ async fn metrics_are_prometheus_text() {
     let secret = r.create_device("boat-1", "default");
     let mut dev = r.device("boat-1", &secret).await;
     dev.telemetry(1, now_ms(), serde_json::json!({})).await;
-    dev.send(serde_json::json!({"type":"ping","payload":{}}))
-        .await;
+    dev.send(serde_json::json!({"type":"ping","payload":{}})).await;
     dev.recv_type("pong").await;
     let resp = reqwest::get(r.http("/metrics")).await.unwrap();
-    assert!(
-        resp.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain")
-    );
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let m = resp.text().await.unwrap();
     assert!(m.contains("tether_connections{role=\"device\"} 1"), "{m}");
     assert!(m.contains("tether_messages_in_total{type=\"telemetry\"} 1"));
@@ -72,18 +63,11 @@ async fn unknown_paths_get_json_404_and_the_console_is_served() {
     assert_eq!(resp.status(), 404);
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "not_found");
-    let resp = reqwest::get(r.http("/ws/status/unknown-request"))
-        .await
-        .unwrap();
+    let resp = reqwest::get(r.http("/ws/status/unknown-request")).await.unwrap();
     assert_eq!(resp.status(), 404);
     let resp = reqwest::get(r.http("/")).await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(
-        resp.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html")
-    );
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
     assert!(resp.text().await.unwrap().contains("login-key"));
     r.stop().await;
 }
@@ -92,20 +76,10 @@ async fn unknown_paths_get_json_404_and_the_console_is_served() {
 async fn unknown_paths_are_404_for_every_method() {
     let r = start_relay().await;
     let c = reqwest::Client::new();
-    for resp in [
-        c.post(r.http("/nope")).send().await.unwrap(),
-        c.delete(r.http("/api/x")).send().await.unwrap(),
-    ] {
+    for resp in [c.post(r.http("/nope")).send().await.unwrap(), c.delete(r.http("/api/x")).send().await.unwrap()] {
         assert_eq!(resp.status(), 404);
     }
     // A known path with the wrong method is 405.
-    assert_eq!(
-        c.get(r.http("/api/auth/ws-ticket"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        405
-    );
+    assert_eq!(c.get(r.http("/api/auth/ws-ticket")).send().await.unwrap().status(), 405);
     r.stop().await;
 }

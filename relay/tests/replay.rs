@@ -33,8 +33,7 @@ async fn late_subscriber_gets_the_last_frames_as_replay_then_live() {
 
     // replay:false skips the buffer.
     let mut q = r.operator(&key).await;
-    q.send(json!({"type":"subscribe","payload":{"deviceID":"boat-1","replay":false}}))
-        .await;
+    q.send(json!({"type":"subscribe","payload":{"deviceID":"boat-1","replay":false}})).await;
     assert_eq!(q.recv().await["payload"]["replayed"], 0);
     dev.telemetry(7, now_ms(), json!({})).await;
     assert_eq!(q.recv_type("telemetry").await["payload"]["sequence"], 7);

@@ -35,16 +35,8 @@ async fn skipped_sequence_is_reported_as_gap_and_counted() {
             (6, "ok".into(), None, 1),
         ]
     );
-    let metrics = reqwest::get(r.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("tether_sequence_gaps_total 1"),
-        "{metrics}"
-    );
+    let metrics = reqwest::get(r.http("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tether_sequence_gaps_total 1"), "{metrics}");
     assert!(metrics.contains("tether_sequence_missing_total 2"));
     assert!(metrics.contains("tether_sequence_duplicates_total 1"));
     r.stop().await;
@@ -69,11 +61,7 @@ async fn futures_collect(p: &mut Client, n: usize) -> Vec<String> {
     for _ in 0..n {
         let f = p.recv_type("telemetry").await;
         let rel = &f["payload"]["relay"];
-        out.push(format!(
-            "{}:{}",
-            rel["stream"].as_str().unwrap(),
-            rel["verdict"].as_str().unwrap()
-        ));
+        out.push(format!("{}:{}", rel["stream"].as_str().unwrap(), rel["verdict"].as_str().unwrap()));
     }
     out
 }

@@ -16,14 +16,8 @@ async fn shutdown_closes_sockets_with_going_away() {
     for c in [&mut dev, &mut p] {
         let e = c.recv_type("error").await;
         assert_eq!(e["payload"]["code"], "shutting_down");
-        assert_eq!(
-            u16::from(c.expect_close().await.expect("close frame").code),
-            1001
-        );
+        assert_eq!(u16::from(c.expect_close().await.expect("close frame").code), 1001);
     }
     stopping.await.unwrap();
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "no longer accepting"
-    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer accepting");
 }

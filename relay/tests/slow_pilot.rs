@@ -10,7 +10,13 @@ use serde_json::json;
 
 #[tokio::test]
 async fn a_stalled_pilot_sheds_frames_while_the_other_gets_all() {
-    let r = start_relay_with(|c| c.telemetry_queue = 16).await;
+    let r = start_relay_with(|c| {
+        c.telemetry_queue = 16;
+        // This test floods on purpose; rate limits are tested in rate_limits.rs.
+        c.bytes_per_second = 1 << 30;
+        c.messages_per_second = 100_000;
+    })
+    .await;
     let secret = r.create_device("boat-1", "default");
     let k1 = r.create_operator("fast", "default", OperatorRole::Pilot);
     let k2 = r.create_operator("stuck", "default", OperatorRole::Pilot);
@@ -26,10 +32,7 @@ async fn a_stalled_pilot_sheds_frames_while_the_other_gets_all() {
     let reader = tokio::spawn(async move {
         for seq in 1..=N {
             let f = fast.recv_type("telemetry").await;
-            assert_eq!(
-                f["payload"]["sequence"], seq,
-                "the reading pilot sees every frame in order"
-            );
+            assert_eq!(f["payload"]["sequence"], seq, "the reading pilot sees every frame in order");
             assert_eq!(f["payload"]["relay"]["verdict"], "ok");
         }
         fast
@@ -40,27 +43,13 @@ async fn a_stalled_pilot_sheds_frames_while_the_other_gets_all() {
     // The device is never blocked: a round trip through the relay still answers promptly.
     dev.send(json!({"type":"ping","payload":{}})).await;
     dev.recv_type("pong").await;
-    let _fast = tokio::time::timeout(Duration::from_secs(60), reader)
-        .await
-        .expect("the reading pilot got all frames")
-        .unwrap();
+    let _fast =
+        tokio::time::timeout(Duration::from_secs(60), reader).await.expect("the reading pilot got all frames").unwrap();
 
-    let metrics = reqwest::get(r.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let dropped: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tether_telemetry_dropped_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        dropped > 0,
-        "frames for the stalled pilot were dropped, not queued forever"
-    );
+    let metrics = reqwest::get(r.http("/metrics")).await.unwrap().text().await.unwrap();
+    let dropped: u64 =
+        metrics.lines().find_map(|l| l.strip_prefix("tether_telemetry_dropped_total ")).unwrap().parse().unwrap();
+    assert!(dropped > 0, "frames for the stalled pilot were dropped, not queued forever");
 
     // When the stalled pilot reads again it is told how many frames it lost before the next one.
     let mut saw_notice = false;

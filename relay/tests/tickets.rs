@@ -20,9 +20,7 @@ async fn a_ticket_cannot_be_reused() {
     assert_eq!(e["payload"]["code"], "invalid_ticket");
     assert_eq!(u16::from(second.expect_close().await.unwrap().code), 1008);
     // The first connection is unaffected.
-    first
-        .send(serde_json::json!({"type":"ping","payload":{}}))
-        .await;
+    first.send(serde_json::json!({"type":"ping","payload":{}})).await;
     assert_eq!(first.recv().await["type"], "pong");
     r.stop().await;
 }
@@ -31,10 +29,7 @@ async fn a_ticket_cannot_be_reused() {
 async fn an_expired_ticket_is_refused() {
     let r = start_relay_with(|c| c.ticket_ttl = 0.3).await;
     let (_, resp) = r.post_json("/api/auth/ws-ticket", Some(&r.admin_key)).await;
-    assert_eq!(
-        resp["expiresIn"], 1,
-        "expiresIn is whole seconds, rounded up"
-    );
+    assert_eq!(resp["expiresIn"], 1, "expiresIn is whole seconds, rounded up");
     let t = resp["ticket"].as_str().unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     let mut c = Client::connect(&r.ws_url(&format!("/ws/admin?ticket={t}")), None).await;

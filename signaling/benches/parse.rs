@@ -43,10 +43,7 @@ fn telemetry(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(TELEMETRY.len() as u64));
     g.bench_function("serde_json/two_step", |b| {
         b.iter(|| {
-            let Ok(Frame::Telemetry {
-                header, payload, ..
-            }) = message::decode_frame(black_box(TELEMETRY))
-            else {
+            let Ok(Frame::Telemetry { header, payload, .. }) = message::decode_frame(black_box(TELEMETRY)) else {
                 unreachable!()
             };
             let ann = annotation(header.sequence, header.timestamp);
@@ -56,9 +53,7 @@ fn telemetry(c: &mut Criterion) {
     g.bench_function("serde_json/derive", |b| {
         b.iter(|| {
             let mut env: Envelope = serde_json::from_str(black_box(TELEMETRY)).unwrap();
-            let Body::Telemetry(t) = &mut env.body else {
-                unreachable!()
-            };
+            let Body::Telemetry(t) = &mut env.body else { unreachable!() };
             t.relay = Some(annotation(t.sequence, t.timestamp));
             env.from = Some("boat-1".into());
             black_box(serde_json::to_string(&env).unwrap())
@@ -68,9 +63,7 @@ fn telemetry(c: &mut Criterion) {
         b.iter(|| {
             let mut buf = black_box(TELEMETRY).as_bytes().to_vec();
             let mut env: Envelope = simd_json::serde::from_slice(&mut buf).unwrap();
-            let Body::Telemetry(t) = &mut env.body else {
-                unreachable!()
-            };
+            let Body::Telemetry(t) = &mut env.body else { unreachable!() };
             t.relay = Some(annotation(t.sequence, t.timestamp));
             env.from = Some("boat-1".into());
             black_box(serde_json::to_string(&env).unwrap())
@@ -84,10 +77,7 @@ fn telemetry(c: &mut Criterion) {
             let p = v.get("payload").unwrap();
             let seq = p.get_u64("sequence").unwrap();
             let ts = p.get("timestamp").and_then(|t| t.cast_f64()).unwrap();
-            let _stream = p
-                .get_str("stream")
-                .or(p.get_str("subtype"))
-                .unwrap_or("sensor_data");
+            let _stream = p.get_str("stream").or(p.get_str("subtype")).unwrap_or("sensor_data");
             let _epoch = p.get_str("epoch");
             let ann = serde_json::to_string(&annotation(seq, ts)).unwrap();
             let raw = p.encode();
@@ -106,9 +96,7 @@ fn telemetry(c: &mut Criterion) {
 fn command(c: &mut Criterion) {
     let mut g = c.benchmark_group("command_decode");
     g.throughput(Throughput::Bytes(COMMAND.len() as u64));
-    g.bench_function("serde_json/two_step", |b| {
-        b.iter(|| black_box(message::decode(black_box(COMMAND)).unwrap()))
-    });
+    g.bench_function("serde_json/two_step", |b| b.iter(|| black_box(message::decode(black_box(COMMAND)).unwrap())));
     g.bench_function("serde_json/derive", |b| {
         b.iter(|| black_box(serde_json::from_str::<Envelope>(black_box(COMMAND)).unwrap()))
     });

@@ -83,10 +83,7 @@ impl Default for ClockSync {
 impl ClockSync {
     /// A filter remembering the last `capacity` exchanges.
     pub fn new(capacity: usize) -> Self {
-        ClockSync {
-            samples: VecDeque::with_capacity(capacity.max(1)),
-            capacity: capacity.max(1),
-        }
+        ClockSync { samples: VecDeque::with_capacity(capacity.max(1)), capacity: capacity.max(1) }
     }
 
     /// Adds one exchange; returns the sample it produced.
@@ -95,11 +92,7 @@ impl ClockSync {
             return Err(ClockError::InvalidExchange);
         }
         let rtt = ((t4 - t1) - (t3 - t2)).max(0.0);
-        let sample = ClockSample {
-            offset_ms: ((t2 - t1) + (t3 - t4)) / 2.0,
-            rtt_ms: rtt,
-            at_ms: t4,
-        };
+        let sample = ClockSample { offset_ms: ((t2 - t1) + (t3 - t4)) / 2.0, rtt_ms: rtt, at_ms: t4 };
         if self.samples.len() == self.capacity {
             self.samples.pop_front();
         }
@@ -114,10 +107,7 @@ impl ClockSync {
 
     /// The current estimate at relay time `now_ms`, or `None` before the first exchange.
     pub fn estimate(&self, now_ms: f64) -> Option<ClockEstimate> {
-        let best = *self
-            .samples
-            .iter()
-            .min_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms))?;
+        let best = *self.samples.iter().min_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms))?;
         let drift = self.fit_drift(best.rtt_ms);
         let since = now_ms - best.at_ms;
         let offset = best.offset_ms + drift.unwrap_or(0.0) * since;
@@ -135,11 +125,7 @@ impl ClockSync {
     /// the best (their offsets are trustworthy). Needs three such samples spread over at least
     /// ten seconds; the slope is in ms per ms.
     fn fit_drift(&self, best_rtt: f64) -> Option<f64> {
-        let good: Vec<&ClockSample> = self
-            .samples
-            .iter()
-            .filter(|s| s.rtt_ms <= best_rtt * 1.5 + 1.0)
-            .collect();
+        let good: Vec<&ClockSample> = self.samples.iter().filter(|s| s.rtt_ms <= best_rtt * 1.5 + 1.0).collect();
         if good.len() < 3 {
             return None;
         }
@@ -151,10 +137,7 @@ impl ClockSync {
         let mx = good.iter().map(|s| s.at_ms).sum::<f64>() / n;
         let my = good.iter().map(|s| s.offset_ms).sum::<f64>() / n;
         let sxx: f64 = good.iter().map(|s| (s.at_ms - mx).powi(2)).sum();
-        let sxy: f64 = good
-            .iter()
-            .map(|s| (s.at_ms - mx) * (s.offset_ms - my))
-            .sum();
+        let sxy: f64 = good.iter().map(|s| (s.at_ms - mx) * (s.offset_ms - my)).sum();
         if sxx <= 0.0 {
             return None;
         }
@@ -179,14 +162,7 @@ mod tests {
         }
 
         /// One exchange starting at relay time `t1` with the given one-way delays.
-        fn exchange(
-            &self,
-            sync: &mut ClockSync,
-            t1: f64,
-            up: f64,
-            down: f64,
-            processing: f64,
-        ) -> f64 {
+        fn exchange(&self, sync: &mut ClockSync, t1: f64, up: f64, down: f64, processing: f64) -> f64 {
             let t2 = self.device(t1 + down);
             let t3 = self.device(t1 + down + processing);
             let t4 = t1 + down + processing + up;
@@ -212,10 +188,7 @@ mod tests {
 
     #[test]
     fn symmetric_delay_gives_exact_offset() {
-        let sim = Sim {
-            offset: 5_000.0,
-            drift: 0.0,
-        };
+        let sim = Sim { offset: 5_000.0, drift: 0.0 };
         let mut sync = ClockSync::default();
         let t4 = sim.exchange(&mut sync, 1_000.0, 10.0, 10.0, 1.0);
         let e = sync.estimate(t4).unwrap();
@@ -227,10 +200,7 @@ mod tests {
 
     #[test]
     fn negative_skew_is_estimated_too() {
-        let sim = Sim {
-            offset: -123_456.0,
-            drift: 0.0,
-        };
+        let sim = Sim { offset: -123_456.0, drift: 0.0 };
         let mut sync = ClockSync::default();
         let t4 = sim.exchange(&mut sync, 50.0, 3.0, 3.0, 0.0);
         assert!((sync.estimate(t4).unwrap().offset_ms + 123_456.0).abs() < 1e-9);
@@ -238,38 +208,25 @@ mod tests {
 
     #[test]
     fn asymmetric_delay_error_stays_within_reported_uncertainty() {
-        let sim = Sim {
-            offset: 42.0,
-            drift: 0.0,
-        };
+        let sim = Sim { offset: 42.0, drift: 0.0 };
         let mut sync = ClockSync::default();
         // Uplink 4G congestion: 80 ms up, 10 ms down.
         let t4 = sim.exchange(&mut sync, 0.0, 80.0, 10.0, 2.0);
         let e = sync.estimate(t4).unwrap();
         let err = (e.offset_ms - 42.0).abs();
-        assert!(
-            (err - 35.0).abs() < 1e-9,
-            "error is half the asymmetry: {err}"
-        );
+        assert!((err - 35.0).abs() < 1e-9, "error is half the asymmetry: {err}");
         assert!(err <= e.uncertainty_ms, "{err} > {}", e.uncertainty_ms);
     }
 
     #[test]
     fn minimum_rtt_sample_wins_over_jittery_ones() {
-        let sim = Sim {
-            offset: 1_000.0,
-            drift: 0.0,
-        };
+        let sim = Sim { offset: 1_000.0, drift: 0.0 };
         let mut sync = ClockSync::default();
         let mut rng = Rng(7);
         let mut t = 0.0;
         for i in 0..16 {
             // Mostly congested and asymmetric; one quiet exchange.
-            let (up, down) = if i == 9 {
-                (5.0, 5.0)
-            } else {
-                (20.0 + 200.0 * rng.next(), 5.0 + 20.0 * rng.next())
-            };
+            let (up, down) = if i == 9 { (5.0, 5.0) } else { (20.0 + 200.0 * rng.next(), 5.0 + 20.0 * rng.next()) };
             t = sim.exchange(&mut sync, t + 1_000.0, up, down, 1.0);
         }
         let e = sync.estimate(t).unwrap();
@@ -277,19 +234,13 @@ mod tests {
         assert!((e.offset_ms - 1_000.0).abs() < 0.5, "{}", e.offset_ms);
         // A plain mean over the same window would be far off.
         let mean = sync.samples().map(|s| s.offset_ms).sum::<f64>() / 16.0;
-        assert!(
-            (mean - 1_000.0).abs() > 10.0,
-            "the test needs jitter that fools a mean: {mean}"
-        );
+        assert!((mean - 1_000.0).abs() > 10.0, "the test needs jitter that fools a mean: {mean}");
     }
 
     #[test]
     fn drift_is_fitted_and_followed() {
         // The device clock runs 80 ppm fast and starts 300 ms ahead.
-        let sim = Sim {
-            offset: 300.0,
-            drift: 80e-6,
-        };
+        let sim = Sim { offset: 300.0, drift: 80e-6 };
         let mut sync = ClockSync::default();
         let mut rng = Rng(99);
         let mut t = 0.0;
@@ -308,10 +259,7 @@ mod tests {
 
     #[test]
     fn drift_without_enough_span_is_bounded_by_uncertainty() {
-        let sim = Sim {
-            offset: 0.0,
-            drift: 50e-6,
-        };
+        let sim = Sim { offset: 0.0, drift: 50e-6 };
         let mut sync = ClockSync::default();
         let t4 = sim.exchange(&mut sync, 0.0, 5.0, 5.0, 0.0);
         let now = t4 + 60_000.0;
@@ -323,10 +271,7 @@ mod tests {
 
     #[test]
     fn window_forgets_old_samples() {
-        let sim = Sim {
-            offset: 10.0,
-            drift: 0.0,
-        };
+        let sim = Sim { offset: 10.0, drift: 0.0 };
         let mut sync = ClockSync::new(4);
         let mut t = sim.exchange(&mut sync, 0.0, 1.0, 1.0, 0.0);
         for _ in 0..4 {
@@ -334,27 +279,15 @@ mod tests {
         }
         let e = sync.estimate(t).unwrap();
         assert_eq!(e.samples, 4);
-        assert!(
-            (e.rtt_ms - 100.0).abs() < 1e-9,
-            "the 2 ms sample has left the window"
-        );
+        assert!((e.rtt_ms - 100.0).abs() < 1e-9, "the 2 ms sample has left the window");
     }
 
     #[test]
     fn corrupt_exchanges_are_rejected() {
         let mut sync = ClockSync::default();
-        assert_eq!(
-            sync.add(10.0, 0.0, 1.0, 5.0),
-            Err(ClockError::InvalidExchange)
-        );
-        assert_eq!(
-            sync.add(0.0, 5.0, 4.0, 10.0),
-            Err(ClockError::InvalidExchange)
-        );
-        assert_eq!(
-            sync.add(f64::NAN, 5.0, 6.0, 10.0),
-            Err(ClockError::InvalidExchange)
-        );
+        assert_eq!(sync.add(10.0, 0.0, 1.0, 5.0), Err(ClockError::InvalidExchange));
+        assert_eq!(sync.add(0.0, 5.0, 4.0, 10.0), Err(ClockError::InvalidExchange));
+        assert_eq!(sync.add(f64::NAN, 5.0, 6.0, 10.0), Err(ClockError::InvalidExchange));
         assert!(sync.estimate(0.0).is_none());
     }
 }

@@ -44,6 +44,18 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A replacement connection for the same identity took over this one.
     Replaced,
+    /// The target's offline queue is full; the message was not stored.
+    QueueFull,
+    /// A queued message expired before its target came online.
+    Expired,
+    /// A request's deadline passed without a result from the target.
+    CommandTimeout,
+    /// A control message came from someone who does not hold the device's control lease.
+    NotController,
+    /// The credential or session was revoked; the connection is closed.
+    Revoked,
+    /// The target cannot do this (e.g. no docker on the device).
+    Unsupported,
     /// Something failed inside the relay; the message says what, the log has details.
     Internal,
 }
@@ -69,6 +81,12 @@ impl ErrorCode {
         ErrorCode::SlowConsumer,
         ErrorCode::ShuttingDown,
         ErrorCode::Replaced,
+        ErrorCode::QueueFull,
+        ErrorCode::Expired,
+        ErrorCode::CommandTimeout,
+        ErrorCode::NotController,
+        ErrorCode::Revoked,
+        ErrorCode::Unsupported,
         ErrorCode::Internal,
     ];
 
@@ -93,6 +111,12 @@ impl ErrorCode {
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Replaced => "replaced",
+            ErrorCode::QueueFull => "queue_full",
+            ErrorCode::Expired => "expired",
+            ErrorCode::CommandTimeout => "command_timeout",
+            ErrorCode::NotController => "not_controller",
+            ErrorCode::Revoked => "revoked",
+            ErrorCode::Unsupported => "unsupported",
             ErrorCode::Internal => "internal",
         }
     }

@@ -31,11 +31,7 @@ pub struct Envelope {
     #[serde(flatten)]
     pub body: Body,
     /// Links a request to its acknowledgement, progress and result. Chosen by the requester.
-    #[serde(
-        rename = "correlationID",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "correlationID", default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
     /// The target of a request (a device or operator id). Absent on messages for the relay itself.
     #[serde(rename = "clientID", default, skip_serializing_if = "Option::is_none")]
@@ -49,12 +45,7 @@ pub struct Envelope {
 impl Envelope {
     /// A message without routing fields.
     pub fn new(body: impl Into<Body>) -> Self {
-        Envelope {
-            body: body.into(),
-            correlation_id: None,
-            client_id: None,
-            from: None,
-        }
+        Envelope { body: body.into(), correlation_id: None, client_id: None, from: None }
     }
 
     /// Sets `correlationID`.
@@ -70,17 +61,9 @@ impl Envelope {
     }
 
     /// An `error` message answering the request with `correlation_id`.
-    pub fn error(
-        code: ErrorCode,
-        message: impl Into<String>,
-        correlation_id: Option<String>,
-    ) -> Self {
+    pub fn error(code: ErrorCode, message: impl Into<String>, correlation_id: Option<String>) -> Self {
         Envelope {
-            body: Body::Error(ErrorPayload {
-                code,
-                message: message.into(),
-                retry_after_ms: None,
-            }),
+            body: Body::Error(ErrorPayload { code, message: message.into(), retry_after_ms: None }),
             correlation_id,
             client_id: None,
             from: None,
@@ -95,7 +78,15 @@ impl Envelope {
 }
 
 macro_rules! bodies {
-    ($( $(#[$doc:meta])* $variant:ident = $wire:literal ($payload:ty), )*) => {
+    // `From<Payload> for Body` only for payload types used by one variant; a variant marked
+    // `shared` reuses another's payload type and is built explicitly.
+    (@from $variant:ident $payload:ty) => {
+        impl From<$payload> for Body {
+            fn from(p: $payload) -> Body { Body::$variant(p) }
+        }
+    };
+    (@from $variant:ident $payload:ty, shared) => {};
+    ($( $(#[$doc:meta])* $variant:ident = $wire:literal ($payload:ty) $(, $shared:ident)?; )*) => {
         /// Every native message type. The variant's wire name is its `type`.
         #[derive(Debug, Clone, Serialize, Deserialize)]
         #[serde(tag = "type", content = "payload")]
@@ -124,62 +115,190 @@ macro_rules! bodies {
             }
         }
 
-        $( impl From<$payload> for Body {
-            fn from(p: $payload) -> Body { Body::$variant(p) }
-        } )*
+        $( bodies!(@from $variant $payload $(, $shared)?); )*
     };
 }
 
 bodies! {
     /// Device -> relay: authenticate with the secret issued at onboarding (first message on
     /// `/ws?clientID=` when no `Authorization` header was sent).
-    Auth = "auth" (Auth),
+    Auth = "auth" (Auth);
     /// Relay -> client: authentication succeeded.
-    AuthOk = "auth_ok" (AuthOk),
+    AuthOk = "auth_ok" (AuthOk);
     /// Device -> relay on `/ws`: ask to join a fleet with a handshake key.
-    Register = "register" (Register),
+    Register = "register" (Register);
     /// Relay -> device: the registration waits for an admin's approval.
-    RegistrationPending = "registration_pending" (RegistrationPending),
+    RegistrationPending = "registration_pending" (RegistrationPending);
     /// Relay -> client: a request failed.
-    Error = "error" (ErrorPayload),
+    Error = "error" (ErrorPayload);
     /// Either way: application-level liveness check, answered by `pong`.
-    Ping = "ping" (Ping),
+    Ping = "ping" (Ping);
     /// Answer to `ping`, carrying the answerer's clock.
-    Pong = "pong" (Pong),
+    Pong = "pong" (Pong);
     /// Relay -> device: first half of a clock-offset exchange (`t1` = relay send time).
-    TimeSync = "time_sync" (TimeSync),
+    TimeSync = "time_sync" (TimeSync);
     /// Device -> relay: `t1` echoed, `t2` = device receive time, `t3` = device send time.
-    TimeSyncResponse = "time_sync_response" (TimeSyncResponse),
+    TimeSyncResponse = "time_sync_response" (TimeSyncResponse);
     /// Device -> relay -> subscribed pilots: one telemetry frame. Pilots receive it with
     /// `from` and `payload.relay` (the relay's annotations).
-    Telemetry = "telemetry" (Telemetry),
+    Telemetry = "telemetry" (Telemetry);
     /// Relay -> pilot: frames for this connection were dropped because it read too slowly.
-    TelemetryDropped = "telemetry_dropped" (TelemetryDropped),
+    TelemetryDropped = "telemetry_dropped" (TelemetryDropped);
     /// Pilot -> relay: start receiving a device's telemetry (with replay of the buffer).
-    Subscribe = "subscribe" (Subscribe),
+    Subscribe = "subscribe" (Subscribe);
     /// Relay -> pilot: the subscription is active.
-    Subscribed = "subscribed" (Subscribed),
+    Subscribed = "subscribed" (Subscribed);
     /// Pilot -> relay: stop receiving a device's telemetry.
-    Unsubscribe = "unsubscribe" (Unsubscribe),
+    Unsubscribe = "unsubscribe" (Unsubscribe);
     /// Relay -> pilot: the subscription has ended.
-    Unsubscribed = "unsubscribed" (Unsubscribed),
+    Unsubscribed = "unsubscribed" (Unsubscribed);
     /// Device <-> pilot through the relay: WebRTC offer/answer/ICE candidates.
-    WebRtc = "webrtc" (WebRtc),
+    WebRtc = "webrtc" (WebRtc);
     /// Operator -> device: run a program.
-    ExecuteCommand = "execute_command" (ExecuteCommand),
+    ExecuteCommand = "execute_command" (ExecuteCommand);
     /// Device -> operator: the output and exit status of `execute_command`.
-    CommandOutput = "command_output" (CommandOutput),
+    CommandOutput = "command_output" (CommandOutput);
     /// Operator -> device: replace (merge) configuration and save it to config.yaml.
-    UpdateClientConfig = "update_client_config" (UpdateClientConfig),
+    UpdateClientConfig = "update_client_config" (UpdateClientConfig);
     /// Operator -> device: re-read config.yaml and apply it.
-    ReloadConfig = "reload_config" (Empty),
+    ReloadConfig = "reload_config" (Empty);
     /// Operator -> device: measure link throughput and round trip.
-    SpeedTest = "speed_test" (SpeedTest),
+    SpeedTest = "speed_test" (SpeedTest);
     /// Device -> operator: the speed test's figures.
-    SpeedTestResult = "speed_test_result" (SpeedTestResult),
+    SpeedTestResult = "speed_test_result" (SpeedTestResult);
     /// Device -> operator: the outcome of a request that has no result type of its own
-    /// (`update_client_config`, `reload_config`).
-    CommandResult = "command_result" (CommandResult),
+    /// (`update_client_config`, `reload_config`, `app_command`).
+    CommandResult = "command_result" (CommandResult);
+    /// Relay -> requester: what the relay did with a request (`delivered`, `queued`, `ok`).
+    Ack = "ack" (Ack);
+    /// Operator -> device: an application command for the robot's own software
+    /// (`set_waypoints`, `teleop`, ...). Needs `control` and the control lease.
+    AppCommand = "app_command" (AppCommand);
+    /// Relay -> admins: a device asked to join with a handshake key.
+    RegistrationRequested = "registration_requested" (RegistrationEvent);
+    /// Relay -> admins: a registration was approved or rejected.
+    RegistrationDecided = "registration_decided" (RegistrationEvent), shared;
+    /// Admin -> relay: approve a pending registration.
+    ApproveRegistration = "approve_registration" (ApproveRegistration);
+    /// Admin -> relay: reject a pending registration.
+    RejectRegistration = "reject_registration" (RejectRegistration);
+    /// Pilot -> relay: take the control lease of a device (`takeover` for admins).
+    LeaseAcquire = "lease_acquire" (LeaseRequest);
+    /// Pilot -> relay: give the lease back.
+    LeaseRelease = "lease_release" (LeaseRequest), shared;
+    /// Pilot -> relay: keep the lease alive.
+    LeaseHeartbeat = "lease_heartbeat" (LeaseRequest), shared;
+    /// Relay -> device and its viewers: who holds the control lease now.
+    LeaseState = "lease_state" (LeaseState);
+    /// Relay -> a device's subscribers: the device came online or went offline.
+    Presence = "presence" (Presence);
+}
+
+/// `ack` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    /// `delivered` (on the target's connection), `queued` (stored for an offline device) or
+    /// `ok` (a relay operation succeeded).
+    pub status: String,
+    /// For `queued`: how many messages now wait for the target.
+    #[serde(rename = "queueDepth", default, skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<u64>,
+    /// Operation results, e.g. the clientID of an approved device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+/// `app_command` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppCommand {
+    /// The command name (`set_waypoint`, `set_waypoints`, `teleop`, ...).
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub data: Value,
+}
+
+/// `registration_requested` / `registration_decided` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistrationEvent {
+    /// The request.
+    #[serde(rename = "requestID")]
+    pub request_id: String,
+    /// The device's name.
+    pub name: String,
+    /// pending, approved or rejected.
+    pub status: String,
+    /// Where the device connected from.
+    #[serde(rename = "remoteAddr", default, skip_serializing_if = "Option::is_none")]
+    pub remote_addr: Option<String>,
+    /// The device id, once approved.
+    #[serde(rename = "clientID", default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+}
+
+/// `approve_registration` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApproveRegistration {
+    /// The request to approve.
+    #[serde(rename = "requestID")]
+    pub request_id: String,
+    /// The clientID to give the device (default `dev-<random>`).
+    #[serde(rename = "deviceID", default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// A display name (default: the name the device sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `reject_registration` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectRegistration {
+    /// The request to reject.
+    #[serde(rename = "requestID")]
+    pub request_id: String,
+}
+
+/// `lease_acquire` / `lease_release` / `lease_heartbeat` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    /// The device.
+    #[serde(rename = "deviceID")]
+    pub device_id: String,
+    /// For `lease_acquire` by an admin: take the lease from its holder.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub takeover: bool,
+}
+
+/// `lease_state` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseState {
+    /// The device.
+    #[serde(rename = "deviceID")]
+    pub device_id: String,
+    /// Operator id of the holder; absent when nobody holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// The holder's username.
+    #[serde(rename = "holderName", default, skip_serializing_if = "Option::is_none")]
+    pub holder_name: Option<String>,
+    /// How long the lease lasts without a heartbeat.
+    #[serde(rename = "timeoutMs")]
+    pub timeout_ms: u64,
+    /// Why it changed: acquired, released, takeover, expired, disconnected.
+    pub reason: String,
+}
+
+/// `presence` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Presence {
+    /// The device.
+    #[serde(rename = "deviceID")]
+    pub device_id: String,
+    /// online or offline.
+    pub status: String,
+    /// Last time it was connected, ms since the Unix epoch.
+    #[serde(rename = "lastSeen", default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<i64>,
 }
 
 /// A payload without fields, serialised as `{}`.
@@ -238,11 +357,7 @@ pub struct ErrorPayload {
     /// A sentence for humans.
     pub message: String,
     /// For `rate_limited`: when a retry may succeed.
-    #[serde(
-        rename = "retryAfterMs",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "retryAfterMs", default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
 }
 
@@ -299,11 +414,7 @@ pub struct Telemetry {
     #[serde(serialize_with = "ms::ser")]
     pub timestamp: f64,
     /// Device clock when the frame was sent, ms since the Unix epoch.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "ms::ser_opt"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "ms::ser_opt")]
     pub system_time: Option<f64>,
     /// Changes whenever the device restarts its counters (e.g. a boot id), so the relay can
     /// tell a restart from duplicates without guessing.
@@ -326,11 +437,7 @@ mod ms {
     use serde::Serializer;
 
     pub fn ser<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-        if v.fract() == 0.0 && v.abs() < 9.0e15 {
-            s.serialize_i64(*v as i64)
-        } else {
-            s.serialize_f64(*v)
-        }
+        if v.fract() == 0.0 && v.abs() < 9.0e15 { s.serialize_i64(*v as i64) } else { s.serialize_f64(*v) }
     }
 
     pub fn ser_opt<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
@@ -366,18 +473,10 @@ pub struct TelemetryAnnotation {
     #[serde(rename = "ageMs", default, skip_serializing_if = "Option::is_none")]
     pub age_ms: Option<f64>,
     /// Device clock minus relay clock, ms, as currently estimated.
-    #[serde(
-        rename = "clockOffsetMs",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clockOffsetMs", default, skip_serializing_if = "Option::is_none")]
     pub clock_offset_ms: Option<f64>,
     /// Bound on the offset's error, ms (half the best round trip plus drift since).
-    #[serde(
-        rename = "clockUncertaintyMs",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clockUncertaintyMs", default, skip_serializing_if = "Option::is_none")]
     pub clock_uncertainty_ms: Option<f64>,
     /// True when this frame comes from the relay's buffer on subscribe, not live.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -500,18 +599,10 @@ pub struct SpeedTest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SpeedTestResult {
     /// Device -> relay throughput.
-    #[serde(
-        rename = "uploadMbps",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "uploadMbps", default, skip_serializing_if = "Option::is_none")]
     pub upload_mbps: Option<f64>,
     /// Relay -> device throughput.
-    #[serde(
-        rename = "downloadMbps",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "downloadMbps", default, skip_serializing_if = "Option::is_none")]
     pub download_mbps: Option<f64>,
     /// Round trip to the relay.
     #[serde(rename = "rttMs", default, skip_serializing_if = "Option::is_none")]
@@ -554,9 +645,7 @@ impl DecodeErrorKind {
     pub fn code(&self) -> ErrorCode {
         match self {
             DecodeErrorKind::MalformedJson(_) => ErrorCode::MalformedJson,
-            DecodeErrorKind::MissingType | DecodeErrorKind::UnknownType(_) => {
-                ErrorCode::UnknownType
-            }
+            DecodeErrorKind::MissingType | DecodeErrorKind::UnknownType(_) => ErrorCode::UnknownType,
             DecodeErrorKind::InvalidPayload(_) => ErrorCode::InvalidPayload,
         }
     }
@@ -608,10 +697,8 @@ pub fn decode_raw(text: &str) -> Result<RawEnvelope<'_>, DecodeError> {
             correlation_id: None,
         });
     }
-    serde_json::from_str::<RawEnvelope<'_>>(text).map_err(|e| DecodeError {
-        kind: DecodeErrorKind::MalformedJson(e.to_string()),
-        correlation_id: None,
-    })
+    serde_json::from_str::<RawEnvelope<'_>>(text)
+        .map_err(|e| DecodeError { kind: DecodeErrorKind::MalformedJson(e.to_string()), correlation_id: None })
 }
 
 /// Decodes one text frame into an [`Envelope`]. Any `from` in the input is discarded: only the
@@ -622,27 +709,14 @@ pub fn decode(text: &str) -> Result<Envelope, DecodeError> {
 }
 
 fn finish(raw: RawEnvelope<'_>) -> Result<Envelope, DecodeError> {
-    let fail = |kind| DecodeError {
-        kind,
-        correlation_id: raw.correlation_id.clone(),
-    };
-    let ty = raw
-        .ty
-        .as_deref()
-        .ok_or_else(|| fail(DecodeErrorKind::MissingType))?;
+    let fail = |kind| DecodeError { kind, correlation_id: raw.correlation_id.clone() };
+    let ty = raw.ty.as_deref().ok_or_else(|| fail(DecodeErrorKind::MissingType))?;
     let payload = raw.payload.map(RawValue::get).unwrap_or(EMPTY_OBJECT);
     if !payload.starts_with('{') {
-        return Err(fail(DecodeErrorKind::InvalidPayload(
-            "payload must be a JSON object".into(),
-        )));
+        return Err(fail(DecodeErrorKind::InvalidPayload("payload must be a JSON object".into())));
     }
     let body = Body::from_parts(ty, payload).map_err(fail)?;
-    Ok(Envelope {
-        body,
-        correlation_id: raw.correlation_id,
-        client_id: raw.client_id,
-        from: None,
-    })
+    Ok(Envelope { body, correlation_id: raw.correlation_id, client_id: raw.client_id, from: None })
 }
 
 /// The fields of a telemetry payload the relay needs, read without materialising `data`.
@@ -672,10 +746,7 @@ pub struct TelemetryHeader<'a> {
 impl TelemetryHeader<'_> {
     /// The sequence stream: `stream`, else `subtype`, else `sensor_data`.
     pub fn stream_name(&self) -> &str {
-        self.stream
-            .as_deref()
-            .or(self.subtype.as_deref())
-            .unwrap_or("sensor_data")
+        self.stream.as_deref().or(self.subtype.as_deref()).unwrap_or("sensor_data")
     }
 }
 
@@ -705,30 +776,19 @@ pub enum Frame<'a> {
 pub fn decode_frame(text: &str) -> Result<Frame<'_>, DecodeError> {
     let raw = decode_raw(text)?;
     if raw.ty.as_deref() == Some("telemetry") {
-        let fail = |kind| DecodeError {
-            kind,
-            correlation_id: raw.correlation_id.clone(),
-        };
+        let fail = |kind| DecodeError { kind, correlation_id: raw.correlation_id.clone() };
         let payload = raw
             .payload
             .filter(|p| p.get().starts_with('{'))
-            .ok_or_else(|| {
-                fail(DecodeErrorKind::InvalidPayload(
-                    "telemetry needs a payload object".into(),
-                ))
-            })?;
-        let header: TelemetryHeader<'_> = serde_json::from_str(payload.get())
-            .map_err(|e| fail(DecodeErrorKind::InvalidPayload(e.to_string())))?;
+            .ok_or_else(|| fail(DecodeErrorKind::InvalidPayload("telemetry needs a payload object".into())))?;
+        let header: TelemetryHeader<'_> =
+            serde_json::from_str(payload.get()).map_err(|e| fail(DecodeErrorKind::InvalidPayload(e.to_string())))?;
         if header.relay.is_some() {
             return Err(fail(DecodeErrorKind::InvalidPayload(
                 "\"relay\" is added by the relay and must not be sent".into(),
             )));
         }
-        return Ok(Frame::Telemetry {
-            header,
-            payload,
-            correlation_id: raw.correlation_id,
-        });
+        return Ok(Frame::Telemetry { header, payload, correlation_id: raw.correlation_id });
     }
     let payload = raw.payload;
     finish(raw).map(|envelope| Frame::Message { envelope, payload })
@@ -737,15 +797,10 @@ pub fn decode_frame(text: &str) -> Result<Frame<'_>, DecodeError> {
 /// Builds the frame a pilot receives for one telemetry payload: the device's payload bytes
 /// unchanged, with `relay` appended as the last key, and `from` set. `payload` must be a JSON
 /// object (as [`decode_frame`] guarantees).
-pub fn encode_forwarded_telemetry(
-    from: &str,
-    payload: &RawValue,
-    annotation: &TelemetryAnnotation,
-) -> String {
+pub fn encode_forwarded_telemetry(from: &str, payload: &RawValue, annotation: &TelemetryAnnotation) -> String {
     let raw = payload.get().trim_end();
     let body = raw.strip_suffix('}').unwrap_or(raw).trim_end();
-    let annotation =
-        serde_json::to_string(annotation).expect("annotation serialisation is infallible");
+    let annotation = serde_json::to_string(annotation).expect("annotation serialisation is infallible");
     let from = serde_json::to_string(from).expect("string serialisation is infallible");
     let mut out = String::with_capacity(raw.len() + annotation.len() + from.len() + 48);
     out.push_str("{\"type\":\"telemetry\",\"from\":");
@@ -855,9 +910,7 @@ mod tests {
     #[test]
     fn replay_marking_keeps_the_frame_valid() {
         let text = r#"{"type":"telemetry","payload":{"sequence":1,"timestamp":2,"data":{}}}"#;
-        let Frame::Telemetry { payload, .. } = decode_frame(text).unwrap() else {
-            panic!()
-        };
+        let Frame::Telemetry { payload, .. } = decode_frame(text).unwrap() else { panic!() };
         let ann = TelemetryAnnotation {
             received_at: 1.0,
             stream: "s".into(),
@@ -871,23 +924,16 @@ mod tests {
         };
         let replay = mark_replay(&encode_forwarded_telemetry("d", payload, &ann));
         let env: Envelope = serde_json::from_str(&replay).unwrap();
-        let Body::Telemetry(t) = env.body else {
-            panic!()
-        };
+        let Body::Telemetry(t) = env.body else { panic!() };
         assert!(t.relay.unwrap().replay);
     }
 
     #[test]
     fn routed_messages_keep_unknown_payload_fields() {
-        let text = r#"{"type":"execute_command","correlationID":"c","clientID":"d","payload":{"command":"ls","extra":[1]}}"#;
+        let text =
+            r#"{"type":"execute_command","correlationID":"c","clientID":"d","payload":{"command":"ls","extra":[1]}}"#;
         let raw = decode_raw(text).unwrap();
-        let out = encode_routed(
-            "execute_command",
-            Some("c"),
-            Some("d"),
-            "op-\"1",
-            raw.payload,
-        );
+        let out = encode_routed("execute_command", Some("c"), Some("d"), "op-\"1", raw.payload);
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["payload"]["extra"][0], 1);
         assert_eq!(v["from"], "op-\"1");
@@ -922,6 +968,17 @@ mod tests {
             json!({"type":"speed_test","clientID":"dev-1","payload":{}}),
             json!({"type":"speed_test_result","payload":{"uploadMbps":12.5,"downloadMbps":30.0,"rttMs":40.0}}),
             json!({"type":"command_result","correlationID":"cfg-1","payload":{"ok":true}}),
+            json!({"type":"ack","correlationID":"cmd-1","payload":{"status":"queued","queueDepth":3}}),
+            json!({"type":"app_command","correlationID":"w1","clientID":"boat-1","payload":{"command":"set_waypoints","data":{"waypoints":[{"latitude":37.7749,"longitude":-122.4194}]}}}),
+            json!({"type":"registration_requested","payload":{"requestID":"req-1","name":"Client-1","status":"pending","remoteAddr":"10.0.0.7:5000"}}),
+            json!({"type":"registration_decided","payload":{"requestID":"req-1","name":"Client-1","status":"approved","clientID":"dev-1"}}),
+            json!({"type":"approve_registration","correlationID":"a1","payload":{"requestID":"req-1","deviceID":"boat-9"}}),
+            json!({"type":"reject_registration","payload":{"requestID":"req-1"}}),
+            json!({"type":"lease_acquire","payload":{"deviceID":"boat-1","takeover":true}}),
+            json!({"type":"lease_release","payload":{"deviceID":"boat-1"}}),
+            json!({"type":"lease_heartbeat","payload":{"deviceID":"boat-1"}}),
+            json!({"type":"lease_state","payload":{"deviceID":"boat-1","holder":"op-1","holderName":"ana","timeoutMs":10000,"reason":"acquired"}}),
+            json!({"type":"presence","payload":{"deviceID":"boat-1","status":"online","lastSeen":1732262400123u64}}),
         ]
     }
 
@@ -929,19 +986,13 @@ mod tests {
     fn every_type_has_an_example_and_fast_decode_matches_serde() {
         let examples = examples();
         for ty in Body::TYPES {
-            assert!(
-                examples.iter().any(|e| e["type"] == *ty),
-                "no example for {ty}"
-            );
+            assert!(examples.iter().any(|e| e["type"] == *ty), "no example for {ty}");
         }
         for ex in examples {
             let text = ex.to_string();
             let fast = decode(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
             let derived: Envelope = serde_json::from_str(&text).unwrap();
-            assert_eq!(
-                serde_json::to_value(&fast).unwrap(),
-                serde_json::to_value(&derived).unwrap()
-            );
+            assert_eq!(serde_json::to_value(&fast).unwrap(), serde_json::to_value(&derived).unwrap());
             assert_eq!(fast.body.type_name(), ex["type"]);
         }
     }
@@ -957,16 +1008,14 @@ mod tests {
         let e = decode(r#"{"type":"warp_drive","correlationID":"x"}"#).unwrap_err();
         assert_eq!(e.code(), ErrorCode::UnknownType);
         assert_eq!(e.correlation_id.as_deref(), Some("x"));
-        let e = decode(r#"{"type":"execute_command","correlationID":"y","payload":{"args":[]}}"#)
-            .unwrap_err();
+        let e = decode(r#"{"type":"execute_command","correlationID":"y","payload":{"args":[]}}"#).unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidPayload);
         assert_eq!(e.correlation_id.as_deref(), Some("y"));
     }
 
     #[test]
     fn payloads_must_be_objects() {
-        let e =
-            decode(r#"{"type":"execute_command","clientID":"d","payload":["ls"]}"#).unwrap_err();
+        let e = decode(r#"{"type":"execute_command","clientID":"d","payload":["ls"]}"#).unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidPayload);
         // An explicit null is treated like an absent payload.
         assert!(decode(r#"{"type":"ping","payload":null}"#).is_ok());
@@ -988,12 +1037,7 @@ mod tests {
     #[test]
     fn telemetry_is_forwarded_byte_for_byte_with_annotation() {
         let text = r#"{"type":"telemetry","payload":{"subtype":"sensor_data","sequence":7,"timestamp":1625049600000,"data":{"v":1.50}}}"#;
-        let Frame::Telemetry {
-            header, payload, ..
-        } = decode_frame(text).unwrap()
-        else {
-            panic!()
-        };
+        let Frame::Telemetry { header, payload, .. } = decode_frame(text).unwrap() else { panic!() };
         assert_eq!(header.sequence, 7);
         assert_eq!(header.stream_name(), "sensor_data");
         let ann = TelemetryAnnotation {
@@ -1008,28 +1052,19 @@ mod tests {
             replay: false,
         };
         let out = encode_forwarded_telemetry("dev-\"1\"", payload, &ann);
-        assert!(
-            out.contains(r#""timestamp":1625049600000,"data":{"v":1.50},"relay":{"#),
-            "{out}"
-        );
+        assert!(out.contains(r#""timestamp":1625049600000,"data":{"v":1.50},"relay":{"#), "{out}");
         let env: Envelope = serde_json::from_str(&out).unwrap();
         assert_eq!(env.from.as_deref(), Some("dev-\"1\""));
-        let Body::Telemetry(t) = env.body else {
-            panic!()
-        };
+        let Body::Telemetry(t) = env.body else { panic!() };
         assert_eq!(t.relay, Some(ann));
         assert_eq!(t.sequence, 7);
     }
 
     #[test]
     fn telemetry_with_relay_field_or_bad_header_is_rejected() {
-        let e = decode_frame(
-            r#"{"type":"telemetry","payload":{"sequence":1,"timestamp":1,"relay":{}}}"#,
-        )
-        .unwrap_err();
+        let e = decode_frame(r#"{"type":"telemetry","payload":{"sequence":1,"timestamp":1,"relay":{}}}"#).unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidPayload);
-        let e = decode_frame(r#"{"type":"telemetry","payload":{"sequence":-1,"timestamp":1}}"#)
-            .unwrap_err();
+        let e = decode_frame(r#"{"type":"telemetry","payload":{"sequence":-1,"timestamp":1}}"#).unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidPayload);
         let e = decode_frame(r#"{"type":"telemetry"}"#).unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidPayload);
@@ -1038,8 +1073,7 @@ mod tests {
         // A struct-shaped array must not pass for a payload object.
         let e = decode_frame(r#"{"type":"telemetry","payload":[null,null,5,1.0]}"#).unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidPayload);
-        let e =
-            decode_frame(r#"["telemetry",null,null,{"sequence":1,"timestamp":1}]"#).unwrap_err();
+        let e = decode_frame(r#"["telemetry",null,null,{"sequence":1,"timestamp":1}]"#).unwrap_err();
         assert_eq!(e.code(), ErrorCode::MalformedJson);
     }
 

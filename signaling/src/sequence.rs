@@ -215,28 +215,16 @@ impl StreamSequence {
         if seq > max {
             let ahead = seq - max;
             // Forget the numbers that slide out of the window: they are the new slots.
-            let clear_from = if ahead >= self.window {
-                seq + 1 - self.window
-            } else {
-                max + 1
-            };
+            let clear_from = if ahead >= self.window { seq + 1 - self.window } else { max + 1 };
             for s in clear_from..=seq {
                 self.clear(s);
             }
             self.mark(seq);
             self.max = Some(seq);
-            return if ahead == 1 {
-                Verdict::Ok
-            } else {
-                Verdict::Gap { missing: ahead - 1 }
-            };
+            return if ahead == 1 { Verdict::Ok } else { Verdict::Gap { missing: ahead - 1 } };
         }
         let behind = max - seq;
-        let limit = if backfill {
-            self.window - 1
-        } else {
-            self.reset_threshold
-        };
+        let limit = if backfill { self.window - 1 } else { self.reset_threshold };
         if behind > limit {
             self.restart(seq, epoch.or(self.epoch.clone().as_deref()));
             return Verdict::Reset;
@@ -266,21 +254,13 @@ pub struct SequenceTracker<K> {
 
 impl<K> Default for SequenceTracker<K> {
     fn default() -> Self {
-        SequenceTracker {
-            streams: HashMap::new(),
-        }
+        SequenceTracker { streams: HashMap::new() }
     }
 }
 
 impl<K: Hash + Eq> SequenceTracker<K> {
     /// Judges one frame of stream `key`.
-    pub fn observe(
-        &mut self,
-        key: K,
-        seq: u64,
-        epoch: Option<&str>,
-        backfill: bool,
-    ) -> (Verdict, SequenceCounters) {
+    pub fn observe(&mut self, key: K, seq: u64, epoch: Option<&str>, backfill: bool) -> (Verdict, SequenceCounters) {
         let s = self.streams.entry(key).or_default();
         let v = s.observe(seq, epoch, backfill);
         (v, s.counters())
@@ -299,8 +279,7 @@ impl<K: Hash + Eq> SequenceTracker<K> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         if !self.streams.contains_key(key) {
-            self.streams
-                .insert(key.to_owned(), StreamSequence::default());
+            self.streams.insert(key.to_owned(), StreamSequence::default());
         }
         let s = self.streams.get_mut(key).expect("inserted above");
         let v = s.observe(seq, epoch, backfill);
@@ -342,28 +321,14 @@ mod tests {
 
     #[test]
     fn gap_reports_how_many_are_missing() {
-        assert_eq!(
-            run(&[1, 2, 5, 6]),
-            vec![
-                Verdict::Ok,
-                Verdict::Ok,
-                Verdict::Gap { missing: 2 },
-                Verdict::Ok
-            ]
-        );
+        assert_eq!(run(&[1, 2, 5, 6]), vec![Verdict::Ok, Verdict::Ok, Verdict::Gap { missing: 2 }, Verdict::Ok]);
     }
 
     #[test]
     fn duplicate_is_detected() {
         assert_eq!(
             run(&[1, 2, 2, 3, 1]),
-            vec![
-                Verdict::Ok,
-                Verdict::Ok,
-                Verdict::Duplicate,
-                Verdict::Ok,
-                Verdict::Duplicate
-            ]
+            vec![Verdict::Ok, Verdict::Ok, Verdict::Duplicate, Verdict::Ok, Verdict::Duplicate]
         );
     }
 
@@ -444,10 +409,7 @@ mod tests {
         let mut t = SequenceTracker::default();
         assert_eq!(t.observe(("d", "gps"), 1, None, false).0, Verdict::Ok);
         assert_eq!(t.observe(("d", "imu"), 7, None, false).0, Verdict::Ok);
-        assert_eq!(
-            t.observe(("d", "gps"), 3, None, false).0,
-            Verdict::Gap { missing: 1 }
-        );
+        assert_eq!(t.observe(("d", "gps"), 3, None, false).0, Verdict::Gap { missing: 1 });
         assert_eq!(t.totals().frames, 3);
         assert_eq!(t.totals().lost, 1);
     }

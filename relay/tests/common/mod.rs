@@ -40,11 +40,7 @@ pub async fn start_relay_with(tweak: impl FnOnce(&mut RelayConfig)) -> TestRelay
     };
     tweak(&mut config);
     let running = relay::start(config).await.expect("relay starts");
-    TestRelay {
-        running: Some(running),
-        dir,
-        admin_key,
-    }
+    TestRelay { running: Some(running), dir, admin_key }
 }
 
 impl TestRelay {
@@ -65,33 +61,51 @@ impl TestRelay {
     }
 
     pub fn create_org(&self, name: &str) {
-        self.running()
-            .relay
-            .store
-            .call_sync(|c| q::create_org(c, name, name).map(|_| ()))
-            .unwrap();
+        self.running().relay.store.call_sync(|c| q::create_org(c, name, name).map(|_| ())).unwrap();
     }
 
     /// Creates a device in `org` and returns its secret.
     pub fn create_device(&self, id: &str, org: &str) -> String {
-        self.running()
-            .relay
-            .store
-            .call_sync(|c| auth::issue_device_sync(c, id, org, id))
-            .unwrap()
+        self.running().relay.store.call_sync(|c| auth::issue_device_sync(c, id, org, id)).unwrap()
     }
 
-    /// Creates an operator in `org` and returns an API key.
+    /// Creates an operator `op-<username>` in `org` and returns an API key. Pilots get
+    /// org-wide `admin` level on devices (use `create_pilot` for narrower access).
     pub fn create_operator(&self, username: &str, org: &str, role: OperatorRole) -> String {
+        let access = (role == OperatorRole::Pilot).then_some("admin");
+        self.create_operator_with(username, org, role, access)
+    }
+
+    /// A pilot with org-wide `access` (view, control, admin) or none.
+    pub fn create_pilot(&self, username: &str, access: Option<&str>) -> String {
+        self.create_operator_with(username, "default", OperatorRole::Pilot, access)
+    }
+
+    pub fn create_operator_with(&self, username: &str, org: &str, role: OperatorRole, access: Option<&str>) -> String {
         self.running()
             .relay
             .store
             .call_sync(|c| {
                 let id = format!("op-{username}");
                 q::create_operator(c, &id, org, username, role)?;
+                if let Some(level) = access {
+                    q::set_permission(c, &id, "org", level)?;
+                }
                 auth::issue_api_key_sync(c, &id, None)
             })
             .unwrap()
+    }
+
+    /// Grants `level` on `scope` to operator `op-<username>` through the admin API.
+    pub async fn grant(&self, username: &str, scope: &str, level: &str) {
+        let r = reqwest::Client::new()
+            .put(self.http("/api/permissions"))
+            .bearer_auth(&self.admin_key)
+            .json(&json!({"operatorID": format!("op-{username}"), "scope": scope, "level": level}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     }
 
     /// `GET path` with an optional bearer key: status and JSON body.
@@ -125,12 +139,8 @@ impl TestRelay {
     }
 
     pub async fn ticket(&self, api_key: &str) -> String {
-        let r = reqwest::Client::new()
-            .post(self.http("/api/auth/ws-ticket"))
-            .bearer_auth(api_key)
-            .send()
-            .await
-            .unwrap();
+        let r =
+            reqwest::Client::new().post(self.http("/api/auth/ws-ticket")).bearer_auth(api_key).send().await.unwrap();
         assert_eq!(r.status(), 200, "ticket request refused");
         let v: Value = r.json().await.unwrap();
         v["ticket"].as_str().unwrap().to_owned()
@@ -145,12 +155,14 @@ impl TestRelay {
         c
     }
 
-    /// A device connection with the bearer header, authenticated (auth_ok consumed).
+    /// A device connection with the bearer header, authenticated (auth_ok and the initial
+    /// lease_state consumed).
     pub async fn device(&self, id: &str, secret: &str) -> Client {
-        let mut c =
-            Client::connect(&self.ws_url(&format!("/ws?clientID={id}")), Some(secret)).await;
+        let mut c = Client::connect(&self.ws_url(&format!("/ws?clientID={id}")), Some(secret)).await;
         let ok = c.recv().await;
         assert_eq!(ok["type"], "auth_ok", "{ok}");
+        let lease = c.recv().await;
+        assert_eq!(lease["type"], "lease_state", "{lease}");
         c
     }
 
@@ -172,44 +184,25 @@ pub struct Client {
 }
 
 pub fn now_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-        * 1000.0
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() * 1000.0
 }
 
 impl Client {
     pub async fn connect(url: &str, bearer: Option<&str>) -> Client {
         let mut req = url.into_client_request().unwrap();
         if let Some(b) = bearer {
-            req.headers_mut().insert(
-                "authorization",
-                HeaderValue::from_str(&format!("Bearer {b}")).unwrap(),
-            );
+            req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {b}")).unwrap());
         }
-        let (ws, _) = tokio_tungstenite::connect_async(req)
-            .await
-            .expect("websocket connects");
-        Client {
-            ws,
-            clock_offset_ms: 0.0,
-            auto_time_sync: true,
-        }
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("websocket connects");
+        Client { ws, clock_offset_ms: 0.0, auto_time_sync: true }
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws
-            .send(Message::Text(v.to_string().into()))
-            .await
-            .unwrap();
+        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
     }
 
     pub async fn send_text(&mut self, s: &str) {
-        self.ws
-            .send(Message::Text(s.to_owned().into()))
-            .await
-            .unwrap();
+        self.ws.send(Message::Text(s.to_owned().into())).await.unwrap();
     }
 
     /// The next JSON message, answering time_sync and skipping ping/pong control frames.
@@ -224,9 +217,7 @@ impl Client {
     pub async fn try_recv(&mut self, wait: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let m = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .ok()??;
+            let m = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
             match m {
                 Ok(Message::Text(t)) => {
                     let v: Value = serde_json::from_str(&t).expect("relay sends JSON");
@@ -271,14 +262,13 @@ impl Client {
     pub async fn telemetry(&mut self, sequence: u64, timestamp: f64, data: Value) {
         self.send(json!({"type":"telemetry","payload":{
             "subtype":"sensor_data","sequence":sequence,"timestamp":timestamp,"system_time":timestamp,"data":data}}))
-        .await;
+            .await;
     }
 }
 
 /// Subscribes and returns the `subscribed` answer.
 pub async fn subscribe(c: &mut Client, device: &str) -> Value {
-    c.send(json!({"type":"subscribe","correlationID":"sub-1","payload":{"deviceID":device}}))
-        .await;
+    c.send(json!({"type":"subscribe","correlationID":"sub-1","payload":{"deviceID":device}})).await;
     let v = c.recv().await;
     assert_eq!(v["type"], "subscribed", "{v}");
     v

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +224,35 @@ const SCHEMA: &[&str] = &[
         detail_json TEXT
     );
     "#,
+    // Version 2: permissions by scope, operator sessions, onboarding and queue bookkeeping.
+    r#"
+    DROP TABLE permissions;
+    CREATE TABLE permissions (
+        operator_id TEXT NOT NULL REFERENCES operators(id),
+        -- 'org' (every device of the operator's org), 'device:<id>' or 'group:<name>'.
+        scope TEXT NOT NULL,
+        level TEXT NOT NULL CHECK (level IN ('view', 'control', 'admin')),
+        PRIMARY KEY (operator_id, scope)
+    );
+    CREATE TABLE sessions (
+        -- SHA-256 of the cookie token: a stolen database yields no usable session.
+        id TEXT PRIMARY KEY,
+        operator_id TEXT NOT NULL REFERENCES operators(id),
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE INDEX handshake_keys_hash ON handshake_keys(key_hash);
+    -- When the device fetched its secret (the secret itself is never stored).
+    ALTER TABLE registration_requests ADD COLUMN secret_issued_at INTEGER;
+    CREATE INDEX registration_requests_org ON registration_requests(org_id, status);
+    ALTER TABLE offline_queue ADD COLUMN msg_type TEXT NOT NULL DEFAULT '';
+    -- Set when pushed to the device; the row stays until the device answers the
+    -- correlationID (or the row expires), so a crash between push and write loses nothing.
+    ALTER TABLE offline_queue ADD COLUMN delivered_at INTEGER;
+    CREATE INDEX offline_queue_expiry ON offline_queue(expires_at);
+    CREATE INDEX audit_log_org ON audit_log(org_id, seq);
+    "#,
 ];
 
 /// Handle to the SQLite database. Cheap to clone.
@@ -243,20 +272,14 @@ impl std::fmt::Debug for Store {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
-                path: dir.to_owned(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir { path: dir.to_owned(), source })?;
         }
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -266,11 +289,7 @@ impl Store {
         migrate(&mut conn)?;
         let probe = Connection::open(path)?;
         probe.busy_timeout(Duration::from_millis(1000))?;
-        Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
-            probe: Arc::new(Mutex::new(probe)),
-            path: path.to_owned(),
-        })
+        Ok(Store { conn: Arc::new(Mutex::new(conn)), probe: Arc::new(Mutex::new(probe)), path: path.to_owned() })
     }
 
     /// The database file.
@@ -285,16 +304,11 @@ impl Store {
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || f(&mut conn.lock()))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(&mut conn.lock())).await.map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// Runs `f` on the calling thread (for the CLI and start-up, outside the runtime's workers).
-    pub fn call_sync<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    pub fn call_sync<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         f(&mut self.conn.lock())
     }
 
@@ -304,11 +318,10 @@ impl Store {
         let probe = self.probe.clone();
         tokio::task::spawn_blocking(move || {
             let conn = probe.lock();
-            conn.execute_batch("BEGIN IMMEDIATE; SELECT count(*) FROM orgs; ROLLBACK;")
-                .map_err(|e| {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    StoreError::from(e)
-                })
+            conn.execute_batch("BEGIN IMMEDIATE; SELECT count(*) FROM orgs; ROLLBACK;").map_err(|e| {
+                let _ = conn.execute_batch("ROLLBACK");
+                StoreError::from(e)
+            })
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -331,8 +344,7 @@ impl Store {
         self.call(move |c| {
             let tx = c.transaction()?;
             {
-                let mut st =
-                    tx.prepare_cached("UPDATE devices SET last_seen = ?2 WHERE id = ?1")?;
+                let mut st = tx.prepare_cached("UPDATE devices SET last_seen = ?2 WHERE id = ?1")?;
                 for (id, at) in &seen {
                     st.execute(params![id, at])?;
                 }
@@ -356,200 +368,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 /// Queries, all synchronous: call them inside [`Store::call`] or [`Store::call_sync`].
-pub mod q {
-    use super::*;
-
-    fn exists_err(e: rusqlite::Error, what: &str) -> StoreError {
-        match e {
-            rusqlite::Error::SqliteFailure(f, _)
-                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                StoreError::Exists(what.to_owned())
-            }
-            e => e.into(),
-        }
-    }
-
-    /// Creates an organisation.
-    pub fn create_org(c: &Connection, id: &str, name: &str) -> Result<Org, StoreError> {
-        c.execute(
-            "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)",
-            params![id, name, now_ms()],
-        )
-        .map_err(|e| exists_err(e, &format!("org {name:?}")))?;
-        Ok(Org {
-            id: id.to_owned(),
-            name: name.to_owned(),
-        })
-    }
-
-    /// Finds an organisation by id or name.
-    pub fn find_org(c: &Connection, id_or_name: &str) -> Result<Option<Org>, StoreError> {
-        Ok(c.query_row(
-            "SELECT id, name FROM orgs WHERE id = ?1 OR name = ?1",
-            params![id_or_name],
-            |r| {
-                Ok(Org {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                })
-            },
-        )
-        .optional()?)
-    }
-
-    /// Lists organisations.
-    pub fn list_orgs(c: &Connection) -> Result<Vec<Org>, StoreError> {
-        let mut st = c.prepare("SELECT id, name FROM orgs ORDER BY name")?;
-        let rows = st.query_map([], |r| {
-            Ok(Org {
-                id: r.get(0)?,
-                name: r.get(1)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Creates a device with an already-hashed secret.
-    pub fn create_device(
-        c: &Connection,
-        id: &str,
-        org_id: &str,
-        name: &str,
-        secret_hash: &str,
-    ) -> Result<(), StoreError> {
-        c.execute(
-            "INSERT INTO devices (id, org_id, name, secret_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![id, org_id, name, secret_hash, now_ms()],
-        )
-        .map_err(|e| exists_err(e, &format!("device {id:?}")))?;
-        Ok(())
-    }
-
-    /// A device's org, name and secret hash, unless revoked.
-    pub fn device_credentials(
-        c: &Connection,
-        id: &str,
-    ) -> Result<Option<(DeviceRow, Option<String>)>, StoreError> {
-        Ok(c.query_row(
-            "SELECT id, org_id, name, last_seen, secret_hash FROM devices WHERE id = ?1 AND revoked_at IS NULL",
-            params![id],
-            |r| Ok((DeviceRow { id: r.get(0)?, org_id: r.get(1)?, name: r.get(2)?, last_seen: r.get(3)? }, r.get(4)?)),
-        )
-        .optional()?)
-    }
-
-    /// Devices of an organisation.
-    pub fn list_devices(c: &Connection, org_id: &str) -> Result<Vec<DeviceRow>, StoreError> {
-        let mut st = c.prepare_cached(
-            "SELECT id, org_id, name, last_seen FROM devices WHERE org_id = ?1 AND revoked_at IS NULL ORDER BY name, id",
-        )?;
-        let rows = st.query_map(params![org_id], |r| {
-            Ok(DeviceRow {
-                id: r.get(0)?,
-                org_id: r.get(1)?,
-                name: r.get(2)?,
-                last_seen: r.get(3)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// The org of a device or operator id, for routing decisions about offline targets.
-    pub fn principal_org(c: &Connection, id: &str) -> Result<Option<String>, StoreError> {
-        Ok(c.query_row(
-            "SELECT org_id FROM devices WHERE id = ?1 AND revoked_at IS NULL
-             UNION ALL SELECT org_id FROM operators WHERE id = ?1 AND disabled_at IS NULL LIMIT 1",
-            params![id],
-            |r| r.get(0),
-        )
-        .optional()?)
-    }
-
-    /// Creates an operator.
-    pub fn create_operator(
-        c: &Connection,
-        id: &str,
-        org_id: &str,
-        username: &str,
-        role: OperatorRole,
-    ) -> Result<OperatorRow, StoreError> {
-        c.execute(
-            "INSERT INTO operators (id, org_id, username, role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![id, org_id, username, role.as_str(), now_ms()],
-        )
-        .map_err(|e| exists_err(e, &format!("operator {username:?}")))?;
-        Ok(OperatorRow {
-            id: id.to_owned(),
-            org_id: org_id.to_owned(),
-            username: username.to_owned(),
-            role,
-        })
-    }
-
-    fn operator_from_row(r: &rusqlite::Row<'_>, base: usize) -> rusqlite::Result<OperatorRow> {
-        let role: String = r.get(base + 3)?;
-        Ok(OperatorRow {
-            id: r.get(base)?,
-            org_id: r.get(base + 1)?,
-            username: r.get(base + 2)?,
-            role: OperatorRole::parse(&role).unwrap_or(OperatorRole::Pilot),
-        })
-    }
-
-    /// Finds an operator by id or username.
-    pub fn find_operator(
-        c: &Connection,
-        id_or_name: &str,
-    ) -> Result<Option<OperatorRow>, StoreError> {
-        Ok(c.query_row(
-            "SELECT id, org_id, username, role FROM operators WHERE (id = ?1 OR username = ?1) AND disabled_at IS NULL",
-            params![id_or_name],
-            |r| operator_from_row(r, 0),
-        )
-        .optional()?)
-    }
-
-    /// Counts operators (zero means a first start).
-    pub fn operator_count(c: &Connection) -> Result<i64, StoreError> {
-        Ok(c.query_row("SELECT count(*) FROM operators", [], |r| r.get(0))?)
-    }
-
-    /// Stores an API key hash for an operator.
-    pub fn create_api_key(
-        c: &Connection,
-        key_id: &str,
-        operator_id: &str,
-        key_hash: &str,
-        label: Option<&str>,
-    ) -> Result<(), StoreError> {
-        c.execute(
-            "INSERT INTO api_keys (id, operator_id, key_hash, label, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![key_id, operator_id, key_hash, label, now_ms()],
-        )
-        .map_err(|e| exists_err(e, &format!("api key {key_id:?}")))?;
-        Ok(())
-    }
-
-    /// A live (not revoked, not expired, operator enabled) API key by id.
-    pub fn api_key(c: &Connection, key_id: &str) -> Result<Option<ApiKeyRow>, StoreError> {
-        Ok(c.query_row(
-            "SELECT k.id, k.key_hash, o.id, o.org_id, o.username, o.role
-             FROM api_keys k JOIN operators o ON o.id = k.operator_id
-             WHERE k.id = ?1 AND k.revoked_at IS NULL AND o.disabled_at IS NULL
-               AND (k.expires_at IS NULL OR k.expires_at > ?2)",
-            params![key_id, now_ms()],
-            |r| {
-                Ok(ApiKeyRow {
-                    id: r.get(0)?,
-                    key_hash: r.get(1)?,
-                    operator: operator_from_row(r, 2)?,
-                })
-            },
-        )
-        .optional()?)
-    }
-}
+pub mod q;
 
 #[cfg(test)]
 mod tests {
@@ -573,10 +392,7 @@ mod tests {
         let store = Store::open(&path).unwrap();
         store
             .call_sync(|c| {
-                assert!(matches!(
-                    q::create_org(c, "org-2", "acme"),
-                    Err(StoreError::Exists(_))
-                ));
+                assert!(matches!(q::create_org(c, "org-2", "acme"), Err(StoreError::Exists(_))));
                 assert_eq!(q::list_devices(c, "org-1")?.len(), 1);
                 assert_eq!(q::principal_org(c, "op-1")?.as_deref(), Some("org-1"));
                 assert_eq!(q::principal_org(c, "boat-1")?.as_deref(), Some("org-1"));
