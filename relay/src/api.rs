@@ -624,40 +624,41 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
             ok(json!({ "handshakeKeys": rows }))
         },
     );
-    let create_handshake =
-        warp::path!("api" / "handshake-keys").and(warp::post()).and(op()).and(json_body::<NewHandshakeKey>()).and_then(
-            |relay: Arc<Relay>, who: Identity, body: NewHandshakeKey| async move {
-                require_admin(&who).map_err(reject)?;
-                let key = match body.key {
-                    Some(k) if k.len() < 12 => {
-                        return Err(reject(OpError::bad_request("a chosen handshake key needs at least 12 characters")));
-                    }
-                    Some(k) => k,
-                    None => format!("hk_{}", auth::random_hex(16)),
-                };
-                if body.uses.is_some_and(|u| u <= 0) {
-                    return Err(reject(OpError::bad_request("uses must be a positive count")));
+    let create_handshake = warp::path!("api" / "handshake-keys")
+        .and(warp::post())
+        .and(op())
+        .and(json_body::<NewHandshakeKey>())
+        .and_then(|relay: Arc<Relay>, who: Identity, body: NewHandshakeKey| async move {
+            require_admin(&who).map_err(reject)?;
+            let key = match body.key {
+                Some(k) if k.len() < 12 => {
+                    return Err(reject(OpError::bad_request("a chosen handshake key needs at least 12 characters")));
                 }
-                let expires = opt_secs_to_ms(body.expires_in).map_err(reject)?;
-                let id = format!("hk-{}", auth::random_hex(6));
-                let (o, i, h, label, uses) =
-                    (who.org.clone(), id.clone(), auth::sha256_hex(&key), body.label.clone(), body.uses);
-                relay
-                    .store
-                    .call(move |c| q::create_handshake_key(c, &i, &o, &h, label.as_deref(), expires, uses))
-                    .await
-                    .map_err(|e| reject(e.into()))?;
-                audit(
-                    &relay,
-                    &who,
-                    "handshake_key.create",
-                    Some(&id),
-                    json!({"label": body.label, "expiresAt": expires, "uses": body.uses}),
-                )
-                .await;
-                created(json!({"id": id, "key": key, "expiresAt": expires, "usesLeft": body.uses}))
-            },
-        );
+                Some(k) => k,
+                None => format!("hk_{}", auth::random_hex(16)),
+            };
+            if body.uses.is_some_and(|u| u <= 0) {
+                return Err(reject(OpError::bad_request("uses must be a positive count")));
+            }
+            let expires = opt_secs_to_ms(body.expires_in).map_err(reject)?;
+            let id = format!("hk-{}", auth::random_hex(6));
+            let (o, i, h, label, uses) =
+                (who.org.clone(), id.clone(), auth::sha256_hex(&key), body.label.clone(), body.uses);
+            relay
+                .store
+                .call(move |c| q::create_handshake_key(c, &i, &o, &h, label.as_deref(), expires, uses))
+                .await
+                .map_err(|e| reject(e.into()))?;
+            audit(
+                &relay,
+                &who,
+                "handshake_key.create",
+                Some(&id),
+                json!({"label": body.label, "expiresAt": expires, "uses": body.uses}),
+            )
+            .await;
+            created(json!({"id": id, "key": key, "expiresAt": expires, "usesLeft": body.uses}))
+        });
     let rotate_handshake = warp::path!("api" / "handshake-keys" / String / "rotate")
         .and(warp::post())
         .and(op())

@@ -135,10 +135,12 @@ async fn housekeeping(relay: Arc<Relay>) {
             relay.leases.announce(&relay, &org, &device, "expired");
         }
         n += 1;
+        if n % 2 == 0 {
+            expire_queued(&relay).await;
+        }
         if n % 10 == 0 {
             relay.flush_presence().await;
             relay.limits.sweep();
-            expire_queued(&relay).await;
         }
     }
 }

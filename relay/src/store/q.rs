@@ -478,19 +478,25 @@ pub fn approve_registration(
     decided_by: &str,
 ) -> Result<Option<Registration>, StoreError> {
     let tx = c.transaction()?;
-    let n = tx.execute(
-        "UPDATE registration_requests SET status = 'approved', device_id = ?3, decided_at = ?4, decided_by = ?5
-         WHERE id = ?1 AND org_id = ?2 AND status = 'pending'",
-        params![id, org_id, device_id, now_ms(), decided_by],
+    let pending: i64 = tx.query_row(
+        "SELECT count(*) FROM registration_requests WHERE id = ?1 AND org_id = ?2 AND status = 'pending'",
+        params![id, org_id],
+        |r| r.get(0),
     )?;
-    if n == 0 {
+    if pending == 0 {
         return Ok(None);
     }
+    // The device row first: the request references it.
     tx.execute(
         "INSERT INTO devices (id, org_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
         params![device_id, org_id, name, now_ms()],
     )
     .map_err(|e| exists_err(e, &format!("device {device_id:?}")))?;
+    tx.execute(
+        "UPDATE registration_requests SET status = 'approved', device_id = ?3, decided_at = ?4, decided_by = ?5
+         WHERE id = ?1 AND org_id = ?2",
+        params![id, org_id, device_id, now_ms(), decided_by],
+    )?;
     tx.commit()?;
     get_registration(c, id)
 }

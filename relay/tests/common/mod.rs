@@ -273,3 +273,29 @@ pub async fn subscribe(c: &mut Client, device: &str) -> Value {
     assert_eq!(v["type"], "subscribed", "{v}");
     v
 }
+
+/// Sends a JSON request with the admin key; returns status and JSON body.
+pub async fn admin_call(r: &TestRelay, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    call(r, method, path, Some(&r.admin_key), body).await
+}
+
+/// Sends a JSON request with `key` (or none); returns status and JSON body.
+pub async fn call(
+    r: &TestRelay,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method, r.http(path));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
