@@ -9,7 +9,11 @@ async fn presence_api_and_events() {
     r.create_org("other");
     let secret = r.create_device("mouse_pi", "default");
     r.create_device("sensor_pi", "default");
-    r.running().relay.store.call_sync(|c| relay::auth::issue_device_sync(c, "their_pi", "other", "x").map(|_| ())).unwrap();
+    r.running()
+        .relay
+        .store
+        .call_sync(|c| relay::auth::issue_device_sync(c, "their_pi", "other", "x").map(|_| ()))
+        .unwrap();
     let key = r.create_pilot("ana", Some("view"));
     let mut p = r.operator(&key).await;
     subscribe(&mut p, "mouse_pi").await;

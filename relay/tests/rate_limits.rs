@@ -86,7 +86,8 @@ async fn a_flood_is_rate_limited_without_hurting_a_neighbour() {
 async fn overrides_raise_a_credentials_limit() {
     let r = start_relay_with(|c| c.messages_per_second = 5).await;
     let key = r.create_pilot("bulk", Some("view"));
-    let (s, body) = admin_call(&r, reqwest::Method::PUT, "/api/limits/op-bulk", Some(json!({"messagesPerSecond": 10000}))).await;
+    let (s, body) =
+        admin_call(&r, reqwest::Method::PUT, "/api/limits/op-bulk", Some(json!({"messagesPerSecond": 10000}))).await;
     assert_eq!(s, 200, "{body}");
     let mut p = r.operator(&key).await;
     for i in 0..100 {
@@ -95,7 +96,8 @@ async fn overrides_raise_a_credentials_limit() {
     for _ in 0..100 {
         assert_eq!(p.recv().await["type"], "pong", "nothing refused under the raised limit");
     }
-    let (s, e) = admin_call(&r, reqwest::Method::PUT, "/api/limits/op-bulk", Some(json!({"messagesPerSecond": -1}))).await;
+    let (s, e) =
+        admin_call(&r, reqwest::Method::PUT, "/api/limits/op-bulk", Some(json!({"messagesPerSecond": -1}))).await;
     assert_eq!((s, e["error"]["code"].as_str()), (400, Some("bad_request")));
     r.stop().await;
 }

@@ -54,7 +54,13 @@ async fn device_revocation_permanent_and_temporary() {
     let secret = r.create_device("boat-1", "default");
     let mut dev = r.device("boat-1", &secret).await;
     // Temporary: a deny-list entry with an expiry.
-    let (s, _) = admin_call(&r, Method::POST, "/api/devices/boat-1/revoke", Some(json!({"expiresIn":0.8,"reason":"maintenance"}))).await;
+    let (s, _) = admin_call(
+        &r,
+        Method::POST,
+        "/api/devices/boat-1/revoke",
+        Some(json!({"expiresIn":0.8,"reason":"maintenance"})),
+    )
+    .await;
     assert_eq!(s, 200);
     closed_with_revoked(&mut dev).await;
     let mut again = Client::connect(&r.ws_url("/ws?clientID=boat-1"), Some(&secret)).await;
@@ -85,7 +91,8 @@ async fn deny_list_entries_for_tickets_and_removal() {
 
     // An operator on the deny list: connections closed, new tickets refused, then allowed again.
     let mut p = r.operator(&key).await;
-    let (s, _) = admin_call(&r, Method::POST, "/api/deny", Some(json!({"subject":"op-ana","reason":"lost laptop"}))).await;
+    let (s, _) =
+        admin_call(&r, Method::POST, "/api/deny", Some(json!({"subject":"op-ana","reason":"lost laptop"}))).await;
     assert_eq!(s, 201);
     closed_with_revoked(&mut p).await;
     let (s, _) = call(&r, Method::POST, "/api/auth/ws-ticket", Some(&key), None).await;
@@ -95,7 +102,8 @@ async fn deny_list_entries_for_tickets_and_removal() {
     let (s, _) = admin_call(&r, Method::DELETE, "/api/deny/op-ana", None).await;
     assert_eq!(s, 200);
     let _p = r.operator(&key).await;
-    let (s, e) = admin_call(&r, Method::POST, "/api/deny", Some(json!({"subject": r.admin_key.split('_').next()}))).await;
+    let (s, e) =
+        admin_call(&r, Method::POST, "/api/deny", Some(json!({"subject": r.admin_key.split('_').next()}))).await;
     assert!(s == 201 || s == 400, "{e}");
     r.stop().await;
 }
