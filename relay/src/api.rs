@@ -266,7 +266,7 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
     let login = warp::path!("api" / "auth" / "login")
         .and(warp::post())
         .and(r())
-        .and(warp::addr::remote())
+        .and(crate::routes::peer())
         .and(json_body::<Login>())
         .and_then(|relay: Arc<Relay>, peer: Option<SocketAddr>, body: Login| async move {
             let ip = peer.map(|p| p.ip().to_string()).unwrap_or_default();

@@ -84,6 +84,13 @@ pub struct RelayConfig {
     /// Seconds a control lease lasts without a heartbeat (`--lease-timeout`, `LEASE_TIMEOUT`, default 10).
     #[arg(long, env = "LEASE_TIMEOUT", default_value_t = 10.0)]
     pub lease_timeout: f64,
+    /// PEM certificate chain: with `--tls-key`, the relay serves HTTPS and WSS itself
+    /// (`--tls-cert`, `TLS_CERT`, default: plain HTTP).
+    #[arg(long, env = "TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `--tls-cert` (`--tls-key`, `TLS_KEY`).
+    #[arg(long, env = "TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Admin API key to create on first start instead of a random one
     /// (`--admin-key`, `TETHER_ADMIN_KEY`, default: generate and print once).
     #[arg(long, env = "TETHER_ADMIN_KEY", hide_env_values = true)]
@@ -114,6 +121,8 @@ impl Default for RelayConfig {
             queue_ttl: 86_400.0,
             command_timeout: 60.0,
             lease_timeout: 10.0,
+            tls_cert: None,
+            tls_key: None,
             admin_key: None,
         }
     }

@@ -21,6 +21,7 @@ pub mod outbox;
 pub mod routes;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod ws;
 
 use std::collections::HashMap;

@@ -29,6 +29,13 @@ fn bearer(h: Option<String>) -> Option<String> {
     scheme.eq_ignore_ascii_case("bearer").then(|| value.trim().to_owned()).filter(|v| !v.is_empty())
 }
 
+/// The TCP peer of a request, whether warp's server or the TLS loop accepted it.
+pub fn peer() -> impl Filter<Extract = (Option<SocketAddr>,), Error = Infallible> + Clone {
+    warp::addr::remote()
+        .and(warp::ext::optional::<crate::tls::PeerAddr>())
+        .map(|a: Option<SocketAddr>, p: Option<crate::tls::PeerAddr>| a.or(p.map(|p| p.0)))
+}
+
 /// Every route of the relay.
 pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let r = || with_relay(relay.clone());
@@ -44,7 +51,7 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (impl Reply,), Error =
         .and(ws::upgrade())
         .and(warp::query::<HashMap<String, String>>())
         .and(auth_header())
-        .and(warp::addr::remote())
+        .and(peer())
         .and(r())
         .map(
             |up: ws::Upgrade,
@@ -59,7 +66,7 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (impl Reply,), Error =
     let ws_admin = warp::path!("ws" / "admin")
         .and(ws::upgrade())
         .and(warp::query::<HashMap<String, String>>())
-        .and(warp::addr::remote())
+        .and(peer())
         .and(r())
         .map(|up: ws::Upgrade, q: HashMap<String, String>, peer: Option<SocketAddr>, relay: Arc<Relay>| {
             upgrade_into(up, relay, Endpoint::Operator { ticket: q.get("ticket").cloned() }, peer)

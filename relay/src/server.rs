@@ -20,6 +20,9 @@ pub enum StartError {
     /// The database could not be opened or initialised.
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    /// The TLS certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The port could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -83,6 +86,10 @@ pub fn bootstrap(store: &Store, admin_key: Option<&str>) -> Result<Option<Bootst
 
 /// Opens the store, binds the port and starts serving. Returns once the relay is listening.
 pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::load(cert, key)?),
+        _ => None,
+    };
     let store = Store::open(&config.db_path())?;
     let bootstrap = bootstrap(&store, config.admin_key.as_deref())?;
     let addr = SocketAddr::new(config.bind, config.port);
@@ -96,11 +103,16 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
     }
     relay.tasks.spawn(housekeeping(relay.clone()));
     let shutdown = relay.shutdown.clone();
-    let server = warp::serve(routes::routes(relay.clone()))
-        .incoming(listener)
-        .graceful(async move { shutdown.cancelled().await });
-    let server = tokio::spawn(server.run());
-    tracing::info!(%addr, db = %relay.store.path().display(), "relay listening");
+    let server = match tls {
+        Some(tls) => tokio::spawn(crate::tls::serve(listener, tls, relay.clone(), shutdown)),
+        None => {
+            let server = warp::serve(routes::routes(relay.clone()))
+                .incoming(listener)
+                .graceful(async move { shutdown.cancelled().await });
+            tokio::spawn(server.run())
+        }
+    };
+    tracing::info!(%addr, tls = relay.config.tls_cert.is_some(), db = %relay.store.path().display(), "relay listening");
     Ok(RunningRelay { addr, relay, bootstrap, server })
 }
 
