@@ -253,8 +253,23 @@ fn deny_kind(subject: &str) -> &'static str {
     }
 }
 
-fn session_cookie(token: &str, max_age: u64) -> String {
-    format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}")
+/// The session cookie; `Secure` when the relay itself serves TLS.
+fn session_cookie(token: &str, max_age: u64, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{secure}")
+}
+
+/// Deny-list subjects of other organisations are invisible: an admin acts only on their own
+/// org's devices, operators, keys and sessions (and on relay-wide `ip:` and `ticket:` subjects).
+async fn ensure_subject_in_org(relay: &Relay, who: &Identity, subject: &str) -> Result<(), OpError> {
+    if q::is_global_subject(subject) {
+        return Ok(());
+    }
+    let s = subject.to_owned();
+    match relay.store.call(move |c| q::subject_org(c, &s)).await? {
+        Some(org) if org == who.org => Ok(()),
+        _ => Err(OpError::not_found(format!("no device, operator, key or session {subject:?} in your organisation"))),
+    }
 }
 
 /// Every `/api` route.
@@ -293,7 +308,7 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
             let expires = now_ms() + SESSION_TTL.as_millis() as i64;
             relay.store.call(move |c| q::create_session(c, &hash, &op_id, expires)).await.map_err(|e| reject(e.into()))?;
             let body = json!({"id": op.id, "username": op.username, "role": op.role.as_str(), "org": op.org_id, "expiresIn": SESSION_TTL.as_secs()});
-            let reply = warp::reply::with_header(warp::reply::json(&body), "set-cookie", session_cookie(&token, SESSION_TTL.as_secs()));
+            let reply = warp::reply::with_header(warp::reply::json(&body), "set-cookie", session_cookie(&token, SESSION_TTL.as_secs(), relay.config.tls_cert.is_some()));
             Ok::<_, Rejection>(reply.into_response())
         });
     let logout = warp::path!("api" / "auth" / "logout").and(warp::post()).and(op()).and_then(
@@ -303,8 +318,11 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
                 relay.store.call(move |c| q::revoke_session(c, &h)).await.map_err(|e| reject(e.into()))?;
                 ops::disconnect(&relay, &format!("session:{hash}"), "logged out");
             }
-            let reply =
-                warp::reply::with_header(warp::reply::json(&json!({"ok": true})), "set-cookie", session_cookie("", 0));
+            let reply = warp::reply::with_header(
+                warp::reply::json(&json!({"ok": true})),
+                "set-cookie",
+                session_cookie("", 0, relay.config.tls_cert.is_some()),
+            );
             Ok::<_, Rejection>(reply.into_response())
         },
     );
@@ -736,14 +754,15 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
                 relay
                     .store
                     .call(move |c| {
-                        q::find_operator(c, &op_id)?
+                        let op = q::find_operator(c, &op_id)?
                             .filter(|op| op.org_id == o)
                             .ok_or_else(|| crate::store::StoreError::NotFound(format!("operator {op_id:?}")))?;
-                        q::set_permission(c, &op_id, &scope, level.as_str())
+                        q::set_permission(c, &op.id, &scope, level.as_str())?;
+                        Ok(op.id)
                     })
                     .await
-                    .map_err(|e| reject(e.into()))?;
-                relay.access.invalidate_operator(&body.operator_id);
+                    .map_err(|e| reject(e.into()))
+                    .map(|id: String| relay.access.invalidate_operator(&id))?;
                 audit(
                     &relay,
                     &who,
@@ -763,7 +782,7 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
                 let removed = relay
                     .store
                     .call(move |c| match q::find_operator(c, &op_id)?.filter(|op| op.org_id == o) {
-                        Some(_) => q::delete_permission(c, &op_id, &scope),
+                        Some(op) => q::delete_permission(c, &op.id, &scope),
                         None => Ok(false),
                     })
                     .await
@@ -779,7 +798,22 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
     let deny_list = warp::path!("api" / "deny").and(warp::get()).and(op()).and_then(
         |relay: Arc<Relay>, who: Identity| async move {
             require_admin(&who).map_err(reject)?;
-            let rows = relay.store.call(|c| q::active_denies(c)).await.map_err(|e| reject(e.into()))?;
+            let org = who.org.clone();
+            let rows = relay
+                .store
+                .call(move |c| {
+                    let mut mine = Vec::new();
+                    for d in q::active_denies(c)? {
+                        if q::is_global_subject(&d.subject)
+                            || q::subject_org(c, &d.subject)?.as_deref() == Some(org.as_str())
+                        {
+                            mine.push(d);
+                        }
+                    }
+                    Ok(mine)
+                })
+                .await
+                .map_err(|e| reject(e.into()))?;
             ok(json!({ "deny": rows }))
         },
     );
@@ -792,6 +826,7 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
             {
                 return Err(reject(OpError::bad_request("give a subject other than yourself")));
             }
+            ensure_subject_in_org(&relay, &who, &body.subject).await.map_err(reject)?;
             let until = opt_secs_to_ms(body.expires_in).map_err(reject)?;
             let (s, reason) = (body.subject.clone(), body.reason.clone());
             relay
@@ -815,6 +850,7 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
     let remove_deny = warp::path!("api" / "deny" / String).and(warp::delete()).and(op()).and_then(
         |subject: String, relay: Arc<Relay>, who: Identity| async move {
             require_admin(&who).map_err(reject)?;
+            ensure_subject_in_org(&relay, &who, &subject).await.map_err(reject)?;
             let s = subject.clone();
             if !relay.store.call(move |c| q::remove_deny(c, &s)).await.map_err(|e| reject(e.into()))? {
                 return Err(reject(OpError::not_found(format!("{subject:?} is not on the deny list"))));

@@ -159,13 +159,12 @@ async fn authenticate(
         relay.limits.auth_failed(ip_key);
         refuse(code, msg, corr)
     };
-    if relay.limits.ip_blocked(ip_key) {
-        let _ = outbox.push_control(rate_limited_text(
-            relay,
-            "too many failed authentications from this address; wait a minute",
-            Duration::from_secs(60),
-            None,
-        ));
+    if let Some(wait) = relay.limits.ip_blocked_for(ip_key) {
+        let msg = format!(
+            "too many failed authentications from this address; try again in {:.0} s",
+            wait.as_secs_f64().ceil()
+        );
+        let _ = outbox.push_control(rate_limited_text(relay, msg, wait, None));
         outbox.close(1008, "rate_limited");
         return None;
     }

@@ -124,7 +124,8 @@ pub struct Limits {
     ip_failures: DefaultKeyedRateLimiter<String>,
     /// IP -> refused until.
     ip_blocked: Mutex<HashMap<String, Instant>>,
-    connects: Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>,
+    /// Per-principal connection limiters and when each was last used.
+    connects: Mutex<HashMap<String, (Arc<DefaultDirectRateLimiter>, Instant)>>,
     clock: DefaultClock,
 }
 
@@ -145,17 +146,23 @@ impl Limits {
         self.defaults
     }
 
-    /// Whether `ip` is refused for now after too many failed authentications.
-    pub fn ip_blocked(&self, ip: &str) -> bool {
+    /// Whether `ip` is refused for now after too many failed authentications, and for how long.
+    pub fn ip_blocked_for(&self, ip: &str) -> Option<Duration> {
         let mut b = self.ip_blocked.lock();
+        let now = Instant::now();
         match b.get(ip) {
-            Some(until) if *until > Instant::now() => true,
+            Some(until) if *until > now => Some(*until - now),
             Some(_) => {
                 b.remove(ip);
-                false
+                None
             }
-            None => false,
+            None => None,
         }
+    }
+
+    /// Whether `ip` is refused for now.
+    pub fn ip_blocked(&self, ip: &str) -> bool {
+        self.ip_blocked_for(ip).is_some()
     }
 
     /// Records a failed authentication from `ip`.
@@ -172,9 +179,11 @@ impl Limits {
         let per_min = o.connections_per_minute.unwrap_or(self.defaults.connections_per_minute);
         let limiter = {
             let mut m = self.connects.lock();
-            m.entry(principal.to_owned())
-                .or_insert_with(|| Arc::new(RateLimiter::direct(Quota::per_minute(nz(per_min)))))
-                .clone()
+            let e = m
+                .entry(principal.to_owned())
+                .or_insert_with(|| (Arc::new(RateLimiter::direct(Quota::per_minute(nz(per_min)))), Instant::now()));
+            e.1 = Instant::now();
+            e.0.clone()
         };
         limiter.check().map_err(|nu| nu.wait_time_from(self.clock.now()))
     }
@@ -198,8 +207,9 @@ impl Limits {
         self.ip_failures.retain_recent();
         let now = Instant::now();
         self.ip_blocked.lock().retain(|_, until| *until > now);
-        // A limiter nobody else holds and that is full again carries no information.
-        self.connects.lock().retain(|_, l| Arc::strong_count(l) > 1 || l.check().is_err());
+        // A per-minute limiter unused for two minutes has refilled completely: forgetting it
+        // loses nothing.
+        self.connects.lock().retain(|_, (_, last)| now.duration_since(*last) < Duration::from_secs(120));
     }
 }
 

@@ -91,6 +91,15 @@ enum OperatorCmd {
         /// pilot or admin.
         #[arg(long, default_value = "pilot", value_parser = ["pilot", "admin"])]
         role: String,
+        /// For pilots: the level on every device of the org (finer grants: the admin API).
+        #[arg(long, default_value = "view", value_parser = ["none", "view", "control", "admin"])]
+        access: String,
+    },
+    /// Set an operator's console password, read from standard input (one line).
+    Passwd {
+        /// Operator username or id.
+        #[arg(long)]
+        username: String,
     },
 }
 
@@ -161,11 +170,27 @@ fn manage(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     println!("{}\t{}", d.id, d.name);
                 }
             }
-            Command::Operator(OperatorCmd::Create { org, username, role }) => {
+            Command::Operator(OperatorCmd::Passwd { username }) => {
+                let op = q::find_operator(c, username)?
+                    .ok_or_else(|| relay::store::StoreError::NotFound(format!("operator {username:?}")))?;
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).map_err(|e| relay::store::StoreError::Task(e.to_string()))?;
+                let password = line.trim_end_matches(['\r', '\n']);
+                if password.len() < 10 {
+                    return Err(relay::store::StoreError::Task("passwords need at least 10 characters".into()));
+                }
+                let hash = bcrypt::hash(password, auth::PASSWORD_COST).map_err(|e| relay::store::StoreError::Task(e.to_string()))?;
+                q::set_password(c, &op.id, &hash)?;
+                println!("Password set for {:?}.", op.username);
+            }
+            Command::Operator(OperatorCmd::Create { org, username, role, access }) => {
                 let org = q::find_org(c, org)?.ok_or_else(|| relay::store::StoreError::NotFound(format!("organisation {org:?}")))?;
                 let role = OperatorRole::parse(role).unwrap_or(OperatorRole::Pilot);
                 let id = format!("op-{}", auth::random_hex(6));
                 q::create_operator(c, &id, &org.id, username, role)?;
+                if role == OperatorRole::Pilot && access != "none" {
+                    q::set_permission(c, &id, "org", access)?;
+                }
                 let key = auth::issue_api_key_sync(c, &id, Some("created by CLI"))?;
                 print_secret(
                     json,

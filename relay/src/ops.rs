@@ -111,6 +111,7 @@ pub fn disconnect(relay: &Relay, subject: &str, why: &str) -> usize {
     for c in relay.hub.connections() {
         let ip_match = subject.strip_prefix("ip:").is_some_and(|ip| c.peer_ip.as_deref() == Some(ip));
         if c.identity.matches(subject) || ip_match {
+            relay.metrics.count_error(ErrorCode::Revoked);
             let _ = c.outbox.push_control(Envelope::error(ErrorCode::Revoked, why, None).to_json());
             c.outbox.close(1008, "revoked");
             n += 1;
@@ -208,7 +209,12 @@ pub async fn reject(relay: &Relay, who: &Identity, request_id: &str) -> Result<q
     let (org, rid, actor) = (who.org.clone(), request_id.to_owned(), who.id.clone());
     let updated = relay.store.call(move |c| q::reject_registration(c, &org, &rid, &actor)).await?;
     let Some(updated) = updated else {
-        return Err(OpError::not_found(format!("no pending registration request {request_id:?}")));
+        let rid = request_id.to_owned();
+        let existing = relay.store.call(move |c| q::get_registration(c, &rid)).await?.filter(|r| r.org_id == who.org);
+        return Err(match existing {
+            Some(r) => OpError::conflict(format!("the request is already {}", r.status)),
+            None => OpError::not_found(format!("no registration request {request_id:?}")),
+        });
     };
     audit(relay, who, "registration.reject", Some(request_id), json!({})).await;
     notify_admins(

@@ -139,6 +139,13 @@ async fn recover(err: Rejection) -> Result<warp::reply::Response, Infallible> {
     if let Some(e) = err.find::<crate::ops::OpError>() {
         return Ok(crate::api::error_response(e));
     }
+    if err.find::<warp::reject::LengthRequired>().is_some() {
+        return Ok(json_error(
+            StatusCode::LENGTH_REQUIRED,
+            "bad_request",
+            "send a JSON body (at least {}) with a Content-Length",
+        ));
+    }
     if let Some(e) = err.find::<warp::reject::PayloadTooLarge>() {
         return Ok(json_error(StatusCode::PAYLOAD_TOO_LARGE, "bad_request", &e.to_string()));
     }

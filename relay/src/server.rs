@@ -84,6 +84,15 @@ pub fn bootstrap(store: &Store, admin_key: Option<&str>) -> Result<Option<Bootst
     })
 }
 
+/// Binds with a deep accept backlog: after a relay restart thousands of devices connect at
+/// once, and tokio's default backlog (1024) would make the rest wait for SYN retransmits.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Opens the store, binds the port and starts serving. Returns once the relay is listening.
 pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
     let tls = match (&config.tls_cert, &config.tls_key) {
@@ -93,7 +102,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
     let store = Store::open(&config.db_path())?;
     let bootstrap = bootstrap(&store, config.admin_key.as_deref())?;
     let addr = SocketAddr::new(config.bind, config.port);
-    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
     let hub = Arc::new(LocalHub::new(config.telemetry_buffer_size));
     let relay = Arc::new(Relay::new(config, store, hub));
@@ -171,7 +180,11 @@ async fn expire_queued(relay: &Relay) {
         let text = Utf8Bytes::from(
             Envelope::error(
                 ErrorCode::Expired,
-                format!("{} stayed offline; the queued {} expired undelivered", target, row.msg_type),
+                if row.delivered_at.is_some() {
+                    format!("{target} received the queued {} but never answered it", row.msg_type)
+                } else {
+                    format!("{target} stayed offline; the queued {} expired undelivered", row.msg_type)
+                },
                 row.correlation_id.clone(),
             )
             .to_json(),

@@ -58,6 +58,41 @@ fn store_subcommands_create_credentials() {
     ]));
     assert!(op["apiKey"].as_str().unwrap().starts_with("tk_"));
     let key = json_out(relay_cmd(&db).args(["key", "create", "--operator", "ana", "--json"]));
+    // Passwords come from stdin, never from the command line.
+    let set_password = |pw: &str| {
+        let mut child = relay_cmd(&db)
+            .args(["operator", "passwd", "--username", "ana"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(pw.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = set_password("correct horse battery\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = set_password("short\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 10"));
+    let pilot = json_out(relay_cmd(&db).args([
+        "operator",
+        "create",
+        "--org",
+        "acme",
+        "--username",
+        "pia",
+        "--access",
+        "control",
+        "--json",
+    ]));
+    assert_eq!(pilot["role"], "pilot");
+    let grants = relay::store::Store::open(&db)
+        .unwrap()
+        .call_sync(|c| relay::store::q::operator_grants(c, pilot["operatorID"].as_str().unwrap()))
+        .unwrap();
+    assert_eq!(grants[0].level, "control");
     assert_ne!(key["apiKey"], op["apiKey"]);
     // The database holds no secret in clear.
     let raw = std::fs::read(&db).unwrap();

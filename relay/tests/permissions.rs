@@ -138,3 +138,22 @@ async fn pilots_only_list_devices_they_can_see() {
     assert_eq!(list["devices"][0]["access"], "view");
     r.stop().await;
 }
+
+#[tokio::test]
+async fn grants_may_name_the_operator_by_username() {
+    let r = start_relay().await;
+    let secret = r.create_device("boat-1", "default");
+    let _dev = r.device("boat-1", &secret).await;
+    let key = r.create_pilot("pat", None);
+    let (s, body) = admin_call(
+        &r,
+        reqwest::Method::PUT,
+        "/api/permissions",
+        Some(json!({"operatorID":"pat","scope":"org","level":"view"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let mut p = r.operator(&key).await;
+    subscribe(&mut p, "boat-1").await;
+    r.stop().await;
+}

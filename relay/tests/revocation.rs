@@ -107,3 +107,22 @@ async fn deny_list_entries_for_tickets_and_removal() {
     assert!(s == 201 || s == 400, "{e}");
     r.stop().await;
 }
+
+#[tokio::test]
+async fn an_admin_cannot_deny_or_see_another_orgs_subjects() {
+    let r = start_relay().await;
+    r.create_org("rival");
+    let secret = r.create_device("boat-1", "default");
+    let rival = r.create_operator("mallory", "rival", relay::store::OperatorRole::Admin);
+    let mut dev = r.device("boat-1", &secret).await;
+    let (s, e) = call(&r, Method::POST, "/api/deny", Some(&rival), Some(json!({"subject":"boat-1"}))).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (404, Some("not_found")), "{e}");
+    let (s, _) = admin_call(&r, Method::POST, "/api/deny", Some(json!({"subject":"boat-1","expiresIn":600}))).await;
+    assert_eq!(s, 201);
+    closed_with_revoked(&mut dev).await;
+    let (_, theirs) = call(&r, Method::GET, "/api/deny", Some(&rival), None).await;
+    assert_eq!(theirs["deny"].as_array().unwrap().len(), 0, "another org's entries are invisible");
+    let (s, _) = call(&r, Method::DELETE, "/api/deny/boat-1", Some(&rival), None).await;
+    assert_eq!(s, 404, "and cannot be removed by it");
+    r.stop().await;
+}

@@ -323,6 +323,11 @@ pub fn create_handshake_key(
     expires_at: Option<i64>,
     uses_left: Option<i64>,
 ) -> Result<(), StoreError> {
+    let taken: i64 =
+        c.query_row("SELECT count(*) FROM handshake_keys WHERE key_hash = ?1", params![key_hash], |r| r.get(0))?;
+    if taken > 0 {
+        return Err(StoreError::Exists("a handshake key with this value".into()));
+    }
     c.execute(
         "INSERT INTO handshake_keys (id, org_id, key_hash, label, created_at, expires_at, uses_left)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -628,6 +633,27 @@ pub fn remove_deny(c: &Connection, subject: &str) -> Result<bool, StoreError> {
     Ok(c.execute("DELETE FROM deny_list WHERE subject = ?1", params![subject])? == 1)
 }
 
+/// The organisation a deny-list subject belongs to: `Ok(Some(org))` for devices, operators,
+/// keys and sessions; `Ok(None)` for relay-wide subjects (`ip:`, `ticket:`) and for unknown ones
+/// (see `is_global`).
+pub fn subject_org(c: &Connection, subject: &str) -> Result<Option<String>, StoreError> {
+    let q = |sql: &str, v: &str| -> Result<Option<String>, StoreError> {
+        Ok(c.query_row(sql, params![v], |r| r.get(0)).optional()?)
+    };
+    if let Some(k) = subject.strip_prefix("key:") {
+        return q("SELECT o.org_id FROM api_keys k JOIN operators o ON o.id = k.operator_id WHERE k.id = ?1", k);
+    }
+    if let Some(s) = subject.strip_prefix("session:") {
+        return q("SELECT o.org_id FROM sessions s JOIN operators o ON o.id = s.operator_id WHERE s.id = ?1", s);
+    }
+    q("SELECT org_id FROM devices WHERE id = ?1 UNION ALL SELECT org_id FROM operators WHERE id = ?1 LIMIT 1", subject)
+}
+
+/// Subjects that belong to no organisation: addresses and tickets.
+pub fn is_global_subject(subject: &str) -> bool {
+    subject.starts_with("ip:") || subject.starts_with("ticket:")
+}
+
 /// Entries in force now (expired ones are deleted).
 pub fn active_denies(c: &Connection) -> Result<Vec<Deny>, StoreError> {
     let now = now_ms();
@@ -664,6 +690,8 @@ pub struct Queued {
     pub message_json: String,
     /// ms since the Unix epoch.
     pub expires_at: i64,
+    /// When it was pushed to the device (it then waits for the device's answer).
+    pub delivered_at: Option<i64>,
 }
 
 /// Why a message could not be queued.
@@ -698,7 +726,7 @@ pub fn enqueue(
     let now = now_ms();
     let tx = c.transaction()?;
     let depth: i64 = tx.query_row(
-        "SELECT count(*) FROM offline_queue WHERE target_id = ?1 AND expires_at > ?2",
+        "SELECT count(*) FROM offline_queue WHERE target_id = ?1 AND expires_at > ?2 AND delivered_at IS NULL",
         params![target_id, now],
         |r| r.get(0),
     )?;
@@ -718,7 +746,7 @@ pub fn enqueue(
 /// Unexpired messages for a target, oldest first.
 pub fn queued_for(c: &Connection, target_id: &str) -> Result<Vec<Queued>, StoreError> {
     let mut st = c.prepare_cached(
-        "SELECT seq, sender_id, correlation_id, msg_type, message_json, expires_at FROM offline_queue
+        "SELECT seq, sender_id, correlation_id, msg_type, message_json, expires_at, delivered_at FROM offline_queue
          WHERE target_id = ?1 AND expires_at > ?2 ORDER BY seq",
     )?;
     let rows = st.query_map(params![target_id, now_ms()], |r| {
@@ -729,6 +757,7 @@ pub fn queued_for(c: &Connection, target_id: &str) -> Result<Vec<Queued>, StoreE
             msg_type: r.get(3)?,
             message_json: r.get(4)?,
             expires_at: r.get(5)?,
+            delivered_at: r.get(6)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -766,7 +795,7 @@ pub fn take_expired(c: &mut Connection) -> Result<Vec<(String, Queued)>, StoreEr
     let tx = c.transaction()?;
     let expired = {
         let mut st = tx.prepare(
-            "SELECT target_id, seq, sender_id, correlation_id, msg_type, message_json, expires_at FROM offline_queue
+            "SELECT target_id, seq, sender_id, correlation_id, msg_type, message_json, expires_at, delivered_at FROM offline_queue
              WHERE expires_at <= ?1 ORDER BY seq",
         )?;
         let rows = st.query_map(params![now], |r| {
@@ -779,6 +808,7 @@ pub fn take_expired(c: &mut Connection) -> Result<Vec<(String, Queued)>, StoreEr
                     msg_type: r.get(4)?,
                     message_json: r.get(5)?,
                     expires_at: r.get(6)?,
+                    delivered_at: r.get(7)?,
                 },
             ))
         })?;
