@@ -21,9 +21,11 @@ test: deps
 build:
 	$(CARGO) build --release --locked -p tether-relay -p tether-device
 
-## Micro-benchmarks (criterion).
+## Benchmarks: criterion micro-benchmarks, then the reconnect storm (release build).
 bench:
 	$(CARGO) bench -p tether-signaling --bench parse
+	$(CARGO) build --release --locked -p tether-relay -p tether-examples --bin tether-bench
+	target/release/tether-bench storm --devices 10000
 
 fmt:
 	$(CARGO) fmt --all
