@@ -48,16 +48,27 @@ fn bearer(h: Option<String>) -> Option<String> {
 }
 
 /// Authenticates an operator from a bearer API key or the session cookie.
+/// Failed keys count toward the caller's address block (`ip`), like failed WebSocket
+/// authentications and logins; a blocked address is refused before any bcrypt work.
 pub async fn operator_identity(
     relay: &Relay,
     authorization: Option<String>,
     cookie: Option<String>,
+    ip: Option<String>,
 ) -> Result<Identity, OpError> {
+    let ip = ip.unwrap_or_else(|| "unknown".into());
+    if let Some(wait) = relay.limits.ip_blocked_for(&ip) {
+        return Err(OpError::rate_limited(format!(
+            "too many failed authentications from this address; try again in {:.0} s",
+            wait.as_secs_f64().ceil()
+        )));
+    }
     let who = if let Some(key) = bearer(authorization) {
         match auth::verify_api_key(&relay.store, &relay.hasher, &key).await {
             Ok(who) => who,
             Err(auth::AuthError::Invalid) => {
                 relay.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                relay.limits.auth_failed(&ip);
                 return Err(OpError::unauthorized("the API key is invalid, revoked or expired"));
             }
             Err(auth::AuthError::Store(e)) => return Err(e.into()),
@@ -93,12 +104,15 @@ fn operator(relay: Arc<Relay>) -> impl Filter<Extract = (Arc<Relay>, Identity), 
     with_relay(relay)
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::cookie::optional::<String>(SESSION_COOKIE))
-        .and_then(|relay: Arc<Relay>, h: Option<String>, c: Option<String>| async move {
-            match operator_identity(&relay, h, c).await {
-                Ok(who) => Ok((relay, who)),
-                Err(e) => Err(reject(e)),
-            }
-        })
+        .and(crate::routes::peer())
+        .and_then(
+            |relay: Arc<Relay>, h: Option<String>, c: Option<String>, peer: Option<std::net::SocketAddr>| async move {
+                match operator_identity(&relay, h, c, peer.map(|p| p.ip().to_string())).await {
+                    Ok(who) => Ok((relay, who)),
+                    Err(e) => Err(reject(e)),
+                }
+            },
+        )
         .untuple_one()
 }
 

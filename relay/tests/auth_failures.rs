@@ -106,6 +106,22 @@ async fn bad_api_keys_get_401_json() {
 }
 
 #[tokio::test]
+async fn guessing_api_keys_gets_the_address_blocked() {
+    let r = start_relay_with(|c| c.auth_failures_per_minute = 3).await;
+    let mut codes = vec![];
+    for _ in 0..5 {
+        let (s, v) = call(&r, reqwest::Method::GET, "/api/me", Some("tk_guess_guess"), None).await;
+        codes.push((s, v["error"]["code"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(codes[0], (401, "auth_failed".into()));
+    assert_eq!(codes[4], (429, "rate_limited".into()), "{codes:?}");
+    // Even the right key waits out the block from this address.
+    let (s, _) = call(&r, reqwest::Method::GET, "/api/me", Some(&r.admin_key), None).await;
+    assert_eq!(s, 429);
+    r.stop().await;
+}
+
+#[tokio::test]
 async fn admin_socket_without_ticket_is_refused() {
     let r = start_relay().await;
     let mut c = Client::connect(&r.ws_url("/ws/admin"), None).await;

@@ -97,6 +97,15 @@ async fn per_org_limits_apply() {
     assert_eq!(p.recv_type("ack").await["payload"]["status"], "queued");
     p.send(cmd("b", 2)).await;
     assert_eq!(p.recv_type("error").await["payload"]["code"], "queue_full");
+    // A device's own override wins over its org's.
+    let (s, _) = admin_call(&r, reqwest::Method::PUT, "/api/limits/boat-1", Some(json!({"queueLimit":3}))).await;
+    assert_eq!(s, 200);
+    for c in ["b", "c"] {
+        p.send(cmd(c, 2)).await;
+        assert_eq!(p.recv_type("ack").await["payload"]["status"], "queued");
+    }
+    p.send(cmd("d", 2)).await;
+    assert_eq!(p.recv_type("error").await["payload"]["code"], "queue_full");
     let _ = Duration::ZERO;
     r.stop().await;
 }
