@@ -5,7 +5,6 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::Client;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -134,17 +133,7 @@ async fn first_start_prints_a_key_and_sigterm_closes_with_1001() {
         }
     }
     let key = key.unwrap();
-    let t: Value = reqwest::Client::new()
-        .post(format!("http://{addr}/api/auth/ws-ticket"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut ws = Client::connect(&format!("ws://{addr}/ws/admin?ticket={}", t["ticket"].as_str().unwrap()), None).await;
-    assert_eq!(ws.recv().await["type"], "auth_ok");
+    let mut ws = common::operator_at(&addr, &key).await;
     tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
 
     let pid = child.id().unwrap().to_string();

@@ -23,21 +23,6 @@ async fn start(db: &std::path::Path) -> (tokio::process::Child, String) {
     (child, line.strip_prefix("tether-relay listening on http://").unwrap().to_owned())
 }
 
-async fn admin(addr: &str) -> Client {
-    let t: Value = reqwest::Client::new()
-        .post(format!("http://{addr}/api/auth/ws-ticket"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut c = Client::connect(&format!("ws://{addr}/ws/admin?ticket={}", t["ticket"].as_str().unwrap()), None).await;
-    assert_eq!(c.recv().await["type"], "auth_ok");
-    c
-}
-
 #[tokio::test]
 async fn queued_commands_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
@@ -54,7 +39,7 @@ async fn queued_commands_survive_sigkill() {
         .await
         .unwrap();
     let secret = dev["clientSecret"].as_str().unwrap().to_owned();
-    let mut p = admin(&addr).await;
+    let mut p = common::operator_at(&addr, KEY).await;
     for i in 0..10 {
         p.send(json!({"type":"update_client_config","correlationID":format!("cfg-{i}"),"clientID":"boat-1","payload":{"config":{"n":i}}}))
             .await;

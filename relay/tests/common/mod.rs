@@ -266,6 +266,23 @@ impl Client {
     }
 }
 
+/// An operator connection to a relay at `addr` (e.g. a relay binary the test started),
+/// authenticated with `key` through a ticket; auth_ok consumed.
+pub async fn operator_at(addr: &str, key: &str) -> Client {
+    let t: Value = reqwest::Client::new()
+        .post(format!("http://{addr}/api/auth/ws-ticket"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut c = Client::connect(&format!("ws://{addr}/ws/admin?ticket={}", t["ticket"].as_str().unwrap()), None).await;
+    assert_eq!(c.recv().await["type"], "auth_ok");
+    c
+}
+
 /// Subscribes and returns the `subscribed` answer.
 pub async fn subscribe(c: &mut Client, device: &str) -> Value {
     c.send(json!({"type":"subscribe","correlationID":"sub-1","payload":{"deviceID":device}})).await;
