@@ -50,18 +50,17 @@ async fn pilot(
     ws
 }
 
-/// The next live telemetry frame.
+/// The next live telemetry frame. One overall deadline: pings and other messages keep
+/// arriving, so a per-message timeout would never fire if telemetry did not come.
 async fn frame(
     ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
 ) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), ws.next())
-            .await
-            .expect("telemetry in time")
-            .unwrap()
-            .unwrap();
+        let m = tokio::time::timeout_at(deadline, ws.next()).await.expect("telemetry in time").unwrap().unwrap();
         if let Message::Text(t) = m {
             let v: Value = serde_json::from_str(&t).unwrap();
+            assert_ne!(v["type"], "error", "the relay refused: {v}");
             if v["type"] == "telemetry" {
                 return v;
             }
@@ -90,6 +89,7 @@ async fn agent_publishes_with_clock_sync_and_survives_a_relay_restart() {
         .call_sync(|c| {
             let s = relay::auth::issue_device_sync(c, "boat-7", "default", "Boat 7")?;
             q::create_operator(c, "op-p", "default", "pilot", OperatorRole::Pilot)?;
+            q::set_permission(c, "op-p", "org", "view")?;
             Ok((s, relay::auth::issue_api_key_sync(c, "op-p", None)?))
         })
         .unwrap();

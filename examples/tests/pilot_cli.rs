@@ -24,6 +24,7 @@ async fn pilot_cli_prints_verdicts_and_ages_of_the_simulated_boat() {
         .call_sync(|c| {
             let s = relay::auth::issue_device_sync(c, "demo-boat", "default", "Demo boat")?;
             q::create_operator(c, "op-p", "default", "pilot", OperatorRole::Pilot)?;
+            q::set_permission(c, "op-p", "org", "view")?;
             Ok((s, relay::auth::issue_api_key_sync(c, "op-p", None)?))
         })
         .unwrap();

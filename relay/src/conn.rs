@@ -216,6 +216,16 @@ async fn authenticate(
                     }
                     return None;
                 }
+                Ok(Some(Ok(m))) if oversize(&m, relay.config.max_message_size).is_some() => {
+                    let _ = outbox.push_control(error_text(
+                        relay,
+                        ErrorCode::FrameTooLarge,
+                        "the first message exceeds the size limit",
+                        None,
+                    ));
+                    outbox.close(1009, "frame_too_large");
+                    return None;
+                }
                 Ok(Some(Ok(Message::Text(t)))) => t,
                 Ok(Some(Ok(Message::Binary(_)))) => {
                     let _ = outbox.push_control(error_text(
@@ -303,6 +313,16 @@ async fn authenticate(
         return None;
     }
     Some((identity, overrides))
+}
+
+/// The length of a data message over `limit`, if it is one.
+fn oversize(m: &Message, limit: usize) -> Option<usize> {
+    let len = match m {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        _ => return None,
+    };
+    (len > limit).then_some(len)
 }
 
 async fn verify_device(relay: &Relay, id: &str, secret: &str) -> Option<Identity> {
@@ -548,6 +568,17 @@ impl Session {
 
     /// Handles one frame; false ends the connection.
     async fn on_message(&mut self, m: Message) -> bool {
+        if let Some(len) = oversize(&m, self.relay.config.max_message_size) {
+            let limit = self.relay.config.max_message_size;
+            self.error(
+                ErrorCode::FrameTooLarge,
+                format!("message of {len} bytes exceeds the {limit}-byte limit"),
+                None,
+            );
+            self.conn.outbox.close(1009, "frame_too_large");
+            self.end_reason = format!("message of {len} bytes over the limit");
+            return false;
+        }
         match m {
             Message::Text(t) => {
                 if let Err(wait) = self.limiter.admit(t.len()) {

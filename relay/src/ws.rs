@@ -29,16 +29,21 @@ impl std::fmt::Debug for Upgrade {
     }
 }
 
-/// Limits for every relay socket.
+/// Limits for every relay socket. tungstenite itself accepts messages up to four times the
+/// relay's limit: the relay refuses those above its limit itself, after reading them whole, so
+/// the stream stays in sync and the `frame_too_large` error and the 1009 close reach the peer.
+/// (When tungstenite refuses a frame, the rest of it stays unread, and closing a socket with
+/// unread data makes the kernel send a reset that can destroy that close.)
 pub fn socket_config(max_message_size: usize) -> WebSocketConfig {
+    let hard_cap = max_message_size.saturating_mul(4).max(max_message_size + 64 * 1024);
     let mut c = WebSocketConfig::default();
     // Small read chunks: idle sockets stay small; busy ones still read 4 KiB per syscall.
     c.read_buffer_size = 4096;
     // Write each message out as soon as it is flushed rather than batching 128 KiB.
     c.write_buffer_size = 0;
     c.max_write_buffer_size = 4 << 20;
-    c.max_message_size = Some(max_message_size);
-    c.max_frame_size = Some(max_message_size);
+    c.max_message_size = Some(hard_cap);
+    c.max_frame_size = Some(hard_cap);
     c
 }
 

@@ -235,10 +235,13 @@ impl Client {
         }
     }
 
-    /// The next message of type `ty`, skipping others.
+    /// The next message of type `ty`, skipping others. One overall deadline, so a steady
+    /// stream of other messages cannot keep a test waiting forever.
     pub async fn recv_type(&mut self, ty: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT * 3;
         loop {
-            let v = self.recv().await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let v = self.try_recv(left).await.unwrap_or_else(|| panic!("no {ty:?} message within {:?}", WAIT * 3));
             if v["type"] == ty {
                 return v;
             }
