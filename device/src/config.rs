@@ -95,6 +95,10 @@ pub struct Config {
     /// Secret issued at approval.
     #[serde(default)]
     pub client_secret: String,
+    /// While waiting for approval: the registration request to poll, so a restart resumes
+    /// polling instead of registering again.
+    #[serde(rename = "registrationRequestID", default, skip_serializing_if = "Option::is_none")]
+    pub registration_request_id: Option<String>,
     /// Display name.
     #[serde(default = "default_name")]
     pub name: String,
@@ -133,6 +137,34 @@ impl Config {
         Config::parse(&text, &p)
     }
 
+    /// Writes the config to `path` atomically: a temporary file in the same directory,
+    /// flushed to disk, then renamed over the old one. A crash leaves the old file or the new
+    /// one, never half of either. Keys the agent does not know are written back unchanged.
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let p = path.display().to_string();
+        let io = |e: std::io::Error| ConfigError::Read { path: p.clone(), source: e };
+        let text = serde_norway::to_string(self)
+            .map_err(|e| ConfigError::Parse { path: p.clone(), message: e.to_string() })?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "config.yaml".into());
+        let tmp = dir.join(format!(".{name}.tmp"));
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(b"# Written by tether-device; unknown keys are kept.\n").map_err(io)?;
+            f.write_all(text.as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The file holds the device's secret.
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+        std::fs::rename(&tmp, path).map_err(io)?;
+        Ok(())
+    }
+
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         let bad = |field, message: String| Err(ConfigError::Invalid { path: path.into(), field, message });
         match url::Url::parse(&self.server_address) {
@@ -144,6 +176,12 @@ impl Config {
         }
         if self.client_id.is_empty() != self.client_secret.is_empty() {
             return bad("clientSecret", "clientID and clientSecret must both be set, or both empty".into());
+        }
+        if self.client_id.is_empty() && self.handshake_key.is_empty() {
+            return bad(
+                "handshakeKey",
+                "without clientID/clientSecret the agent needs a handshakeKey to register".into(),
+            );
         }
         if !(self.telemetry.rate_hz > 0.0 && self.telemetry.rate_hz <= 1000.0) {
             return bad("telemetry.rateHz", format!("must be between 0 and 1000, got {}", self.telemetry.rate_hz));
@@ -177,6 +215,23 @@ paths:
         assert!(c.extra.contains_key("commandRestartMaxDelay"));
         let back = serde_norway::to_string(&c).unwrap();
         assert!(back.contains("runOnInitRestart"));
+    }
+
+    #[test]
+    fn save_is_atomic_and_keeps_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let text = "serverAddress: ws://x/ws\nhandshakeKey: hk\ncommandRestartMaxDelay: 5m\npaths:\n  svc:\n    runOnInit: /bin/true\n";
+        std::fs::write(&path, text).unwrap();
+        let mut c = Config::load(&path).unwrap();
+        c.client_id = "boat-1".into();
+        c.client_secret = "s".into();
+        c.save(&path).unwrap();
+        let back = Config::load(&path).unwrap();
+        assert_eq!(back.client_id, "boat-1");
+        assert_eq!(back.extra["commandRestartMaxDelay"], serde_norway::Value::String("5m".into()));
+        assert!(back.extra.contains_key("paths"));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
     }
 
     #[test]

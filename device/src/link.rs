@@ -29,6 +29,9 @@ pub enum AgentError {
     /// The configuration cannot work (e.g. no credentials yet).
     #[error("{0}")]
     Config(String),
+    /// An admin rejected this device's registration.
+    #[error("an admin rejected this device's registration request {0}")]
+    Rejected(String),
 }
 
 /// Device wall clock, ms since the Unix epoch, with sub-millisecond precision.
@@ -85,6 +88,8 @@ pub struct Agent {
     sequence: u64,
     boat: Boat,
     last_step: Instant,
+    /// Where config.yaml lives, to store the credentials received at onboarding.
+    config_path: Option<std::path::PathBuf>,
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
@@ -94,7 +99,18 @@ impl Agent {
     /// An agent for `config`.
     pub fn new(config: Config) -> Self {
         let epoch = format!("{:08x}", rand::rng().random::<u32>());
-        Agent { config, epoch, sequence: 0, boat: Boat::default(), last_step: Instant::now() }
+        Agent { config, epoch, sequence: 0, boat: Boat::default(), last_step: Instant::now(), config_path: None }
+    }
+
+    /// Saves credentials received at onboarding to this file.
+    pub fn with_config_path(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config_path = Some(path.into());
+        self
+    }
+
+    /// The configuration in use (credentials included once onboarded).
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     fn url(&self) -> Result<url::Url, AgentError> {
@@ -108,9 +124,10 @@ impl Agent {
     /// exponential backoff (with jitter) after every other failure.
     pub async fn run(&mut self, mut cancel: Cancel) -> Result<(), AgentError> {
         if self.config.client_id.is_empty() {
-            return Err(AgentError::Config(
-                "clientID and clientSecret are empty: onboarding with a handshake key is not supported by this agent version; create a device credential with `tether-relay device create` and put it in config.yaml".into(),
-            ));
+            tokio::select! {
+                r = self.onboard() => r?,
+                _ = cancel.cancelled() => return Ok(()),
+            }
         }
         let mut backoff = BACKOFF_START;
         loop {
@@ -137,6 +154,118 @@ impl Agent {
                 _ = cancel.cancelled() => return Ok(()),
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Joins the fleet with the handshake key: `register`, then poll the request's status with
+    /// backoff until an admin decides. On approval the credentials are written to config.yaml
+    /// (atomically, keeping every other key) before the agent connects with them.
+    async fn onboard(&mut self) -> Result<(), AgentError> {
+        if self.config.registration_request_id.is_none() {
+            let id = self.register().await?;
+            tracing::info!(request = %id, "registration sent; waiting for an admin to approve it");
+            self.config.registration_request_id = Some(id);
+            self.save()?;
+        }
+        let request = self.config.registration_request_id.clone().unwrap_or_default();
+        let mut status_url = url::Url::parse(&self.config.server_address)
+            .map_err(|e| AgentError::Config(format!("serverAddress: {e}")))?;
+        let scheme = if status_url.scheme() == "wss" { "https" } else { "http" };
+        status_url
+            .set_scheme(scheme)
+            .map_err(|_| AgentError::Config("serverAddress: cannot derive the status URL".into()))?;
+        let path = format!("{}/status/{request}", status_url.path().trim_end_matches('/'));
+        status_url.set_path(&path);
+        status_url.set_query(None);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match http.get(status_url.as_str()).send().await {
+                Ok(resp) if resp.status() == reqwest::StatusCode::NOT_FOUND => {
+                    // The relay forgot the request (e.g. a new database): register again.
+                    tracing::warn!(%request, "the relay does not know this registration request; registering again");
+                    self.config.registration_request_id = None;
+                    self.save()?;
+                    return Box::pin(self.onboard()).await;
+                }
+                Ok(resp) => {
+                    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+                    match v["status"].as_str() {
+                        Some("approved") => {
+                            let (Some(id), Some(secret)) = (v["clientID"].as_str(), v["clientSecret"].as_str()) else {
+                                return Err(AgentError::Config(format!(
+                                    "request {request} was approved but its secret was already fetched; ask an admin to rotate this device's secret and put it in config.yaml"
+                                )));
+                            };
+                            self.config.client_id = id.to_owned();
+                            self.config.client_secret = secret.to_owned();
+                            self.config.registration_request_id = None;
+                            self.save()?;
+                            tracing::info!(client_id = %id, "approved; credentials saved to config.yaml");
+                            return Ok(());
+                        }
+                        Some("rejected") => return Err(AgentError::Rejected(request)),
+                        _ => tracing::debug!(%request, "registration still pending"),
+                    }
+                }
+                Err(e) => tracing::warn!("cannot poll the registration status: {e}"),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    fn save(&self) -> Result<(), AgentError> {
+        match &self.config_path {
+            Some(p) => self.config.save(p).map_err(|e| AgentError::Config(format!("cannot save the config: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends `register` on the device endpoint and returns the requestID.
+    async fn register(&self) -> Result<String, AgentError> {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            let attempt = async {
+                let (mut ws, _) = tokio::time::timeout(
+                    Duration::from_secs(15),
+                    tokio_tungstenite::connect_async(self.config.server_address.as_str()),
+                )
+                .await
+                .map_err(|_| "connect timed out".to_owned())?
+                .map_err(|e| format!("connect to {}: {e}", self.config.server_address))?;
+                let reg = signaling::message::Register {
+                    name: self.config.name.clone(),
+                    handshake_key: self.config.handshake_key.clone(),
+                };
+                ws.send(Message::Text(Envelope::new(reg).to_json().into())).await.map_err(|e| e.to_string())?;
+                while let Some(m) = tokio::time::timeout(Duration::from_secs(15), ws.next())
+                    .await
+                    .map_err(|_| "no answer".to_owned())?
+                {
+                    if let Ok(Message::Text(t)) = m {
+                        return Ok(message::decode(&t).map_err(|e| e.to_string())?);
+                    }
+                }
+                Err("the relay closed the connection without answering".to_owned())
+            };
+            match attempt.await {
+                Ok(Envelope { body: Body::RegistrationPending(p), .. }) => return Ok(p.request_id),
+                Ok(Envelope { body: Body::Error(e), .. }) if e.code == ErrorCode::InvalidHandshakeKey => {
+                    return Err(AgentError::Refused { code: e.code, message: e.message });
+                }
+                Ok(Envelope { body: Body::Error(e), .. }) if e.code == ErrorCode::RateLimited => {
+                    wait = Duration::from_millis(e.retry_after_ms.unwrap_or(5_000)).max(wait);
+                    tracing::warn!("registration rate limited: {}", e.message);
+                }
+                Ok(other) => tracing::warn!("unexpected answer to register: {:?}", other.body.type_name()),
+                Err(e) => tracing::warn!("registration failed: {e}"),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(30));
         }
     }
 

@@ -25,7 +25,8 @@ enum Command {
     Check,
 }
 
-/// Exit codes: 0 stopped normally, 2 bad configuration, 3 credentials refused by the relay.
+/// Exit codes: 0 stopped normally, 2 bad configuration, 3 credentials or handshake key refused
+/// by the relay, 4 registration rejected by an admin.
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(&cli.config) {
@@ -70,12 +71,16 @@ fn main() -> ExitCode {
             }
             trigger.cancel();
         });
-        let mut agent = Agent::new(config);
+        let mut agent = Agent::new(config).with_config_path(cli.config.clone());
         match agent.run(cancel).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e @ AgentError::Refused { .. }) => {
                 tracing::error!("{e}");
                 ExitCode::from(3)
+            }
+            Err(e @ AgentError::Rejected(_)) => {
+                tracing::error!("{e}");
+                ExitCode::from(4)
             }
             Err(e) => {
                 tracing::error!("{e}");

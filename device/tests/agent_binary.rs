@@ -182,3 +182,128 @@ async fn check_subcommand_reports_what_is_wrong() {
         .unwrap();
     assert!(out.status.success());
 }
+
+async fn admin(addr: std::net::SocketAddr, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let mut req = reqwest::Client::new().request(method, format!("http://{addr}{path}")).bearer_auth(ADMIN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    resp.json().await.unwrap()
+}
+
+/// Waits for the relay to list one pending registration; returns its requestID.
+async fn pending_request(addr: std::net::SocketAddr) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = admin(addr, reqwest::Method::GET, "/api/registrations?status=pending", None).await;
+        if let Some(id) = list["registrations"][0]["requestID"].as_str() {
+            return id.to_owned();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the agent never registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn agent_onboards_with_a_handshake_key_and_stores_its_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), 0).await;
+    let addr = running.addr;
+    let hk = admin(addr, reqwest::Method::POST, "/api/handshake-keys", Some(serde_json::json!({"label":"test"}))).await;
+    let path = dir.path().join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "serverAddress: \"ws://{addr}/ws\"\nhandshakeKey: \"{}\"\nclientID: \"\"\nclientSecret: \"\"\nname: \"Client-1\"\ncommandRestartMaxDelay: \"5m\"\npaths:\n  service-A:\n    runOnInit: \"/usr/bin/true\"\n    runOnInitRestart: \"yes\"\ntelemetry:\n  rateHz: 10\n",
+            hk["key"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
+        .arg("--config")
+        .arg(&path)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let request = pending_request(addr).await;
+    // While pending, the request id is kept in the config so a restart resumes polling.
+    assert!(std::fs::read_to_string(&path).unwrap().contains(&request));
+    admin(
+        addr,
+        reqwest::Method::POST,
+        &format!("/api/registrations/{request}/approve"),
+        Some(serde_json::json!({"deviceID":"boat-7"})),
+    )
+    .await;
+
+    // The agent fetched its secret, saved it and connected with it.
+    running
+        .relay
+        .store
+        .call_sync(|c| q::create_operator(c, "op-p", "default", "pilot", OperatorRole::Pilot).map(|_| ()))
+        .unwrap();
+    running.relay.store.call_sync(|c| q::set_permission(c, "op-p", "org", "view")).unwrap();
+    let key = running.relay.store.call_sync(|c| relay::auth::issue_api_key_sync(c, "op-p", None)).unwrap();
+    let mut p = pilot(addr, &key).await;
+    let f = frame(&mut p).await;
+    assert_eq!(f["from"], "boat-7");
+    let saved = device::Config::load(&path).unwrap();
+    assert_eq!(saved.client_id, "boat-7");
+    assert_eq!(saved.client_secret.len(), 64);
+    assert!(saved.registration_request_id.is_none());
+    assert!(
+        saved.extra.contains_key("paths") && saved.extra.contains_key("commandRestartMaxDelay"),
+        "unknown keys kept"
+    );
+    assert!(agent.try_wait().unwrap().is_none());
+    agent.kill().await.unwrap();
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_rejected_registration_ends_the_agent_with_code_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), 0).await;
+    let addr = running.addr;
+    let hk = admin(addr, reqwest::Method::POST, "/api/handshake-keys", Some(serde_json::json!({}))).await;
+    let path = dir.path().join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "serverAddress: \"ws://{addr}/ws\"\nhandshakeKey: \"{}\"\nname: \"Intruder\"\n",
+            hk["key"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
+        .arg("--config")
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let request = pending_request(addr).await;
+    admin(addr, reqwest::Method::POST, &format!("/api/registrations/{request}/reject"), None).await;
+    let out = tokio::time::timeout(Duration::from_secs(60), agent.wait_with_output())
+        .await
+        .expect("the agent stops")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rejected"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A wrong handshake key is refused at once with code 3, no busy loop.
+    std::fs::write(&path, format!("serverAddress: \"ws://{addr}/ws\"\nhandshakeKey: \"not-a-real-key-123\"\n"))
+        .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device")).arg("--config").arg(&path).output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_handshake_key"));
+    running.shutdown(Duration::from_secs(5)).await;
+}
