@@ -105,12 +105,33 @@ pub struct Config {
     /// error, warn, info, debug or trace.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Seconds before the first reconnect attempt; doubles (with jitter) up to 30 s
+    /// (`reconnectInterval`, env `RECONNECT_INTERVAL`, default 2).
+    #[serde(default = "default_reconnect_interval")]
+    pub reconnect_interval: f64,
+    /// Consecutive failed connection attempts before the agent gives up and exits with code 5;
+    /// 0 means never (`maxReconnectAttempts`, env `MAX_RECONNECT_ATTEMPTS`, default 0).
+    #[serde(default)]
+    pub max_reconnect_attempts: u32,
+    /// Seconds without anything from the relay (pongs included; the agent pings every third of
+    /// this) before the link is declared dead and re-established
+    /// (`connectionTimeout`, env `CONNECTION_TIMEOUT`, default 30).
+    #[serde(default = "default_connection_timeout")]
+    pub connection_timeout: f64,
     /// Telemetry publishing.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
     /// Everything else in the file (paths, commandRestartMaxDelay, ...), kept verbatim.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_norway::Value>,
+}
+
+fn default_reconnect_interval() -> f64 {
+    2.0
+}
+
+fn default_connection_timeout() -> f64 {
+    30.0
 }
 
 fn default_name() -> String {
@@ -165,6 +186,31 @@ impl Config {
         Ok(())
     }
 
+    /// Applies the seed's environment settings over the file's values. `get` is the source
+    /// of variables (the process environment in the binary, a map in tests).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>, path: &str) -> Result<(), ConfigError> {
+        let num = |name: &'static str| -> Result<Option<f64>, ConfigError> {
+            match get(name) {
+                None => Ok(None),
+                Some(v) => v.trim().parse::<f64>().map(Some).map_err(|_| ConfigError::Invalid {
+                    path: path.into(),
+                    field: name,
+                    message: format!("not a number: {v:?}"),
+                }),
+            }
+        };
+        if let Some(v) = num("RECONNECT_INTERVAL")? {
+            self.reconnect_interval = v;
+        }
+        if let Some(v) = num("MAX_RECONNECT_ATTEMPTS")? {
+            self.max_reconnect_attempts = v as u32;
+        }
+        if let Some(v) = num("CONNECTION_TIMEOUT")? {
+            self.connection_timeout = v;
+        }
+        self.validate(path)
+    }
+
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         let bad = |field, message: String| Err(ConfigError::Invalid { path: path.into(), field, message });
         match url::Url::parse(&self.server_address) {
@@ -181,6 +227,18 @@ impl Config {
             return bad(
                 "handshakeKey",
                 "without clientID/clientSecret the agent needs a handshakeKey to register".into(),
+            );
+        }
+        if !(self.reconnect_interval > 0.0 && self.reconnect_interval <= 3600.0) {
+            return bad(
+                "reconnectInterval",
+                format!("must be between 0 and 3600 seconds, got {}", self.reconnect_interval),
+            );
+        }
+        if !(self.connection_timeout >= 0.5 && self.connection_timeout <= 3600.0) {
+            return bad(
+                "connectionTimeout",
+                format!("must be between 0.5 and 3600 seconds, got {}", self.connection_timeout),
             );
         }
         if !(self.telemetry.rate_hz > 0.0 && self.telemetry.rate_hz <= 1000.0) {
@@ -232,6 +290,23 @@ paths:
         assert_eq!(back.extra["commandRestartMaxDelay"], serde_norway::Value::String("5m".into()));
         assert!(back.extra.contains_key("paths"));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut c = Config::parse("serverAddress: ws://x/ws\nhandshakeKey: k\nreconnectInterval: 5\n", "c").unwrap();
+        assert_eq!((c.reconnect_interval, c.max_reconnect_attempts, c.connection_timeout), (5.0, 0, 30.0));
+        let env = |k: &str| match k {
+            "RECONNECT_INTERVAL" => Some("0.5".to_owned()),
+            "MAX_RECONNECT_ATTEMPTS" => Some("3".to_owned()),
+            _ => None,
+        };
+        c.apply_env(env, "c").unwrap();
+        assert_eq!((c.reconnect_interval, c.max_reconnect_attempts), (0.5, 3));
+        let e = c.apply_env(|k| (k == "CONNECTION_TIMEOUT").then(|| "soon".to_owned()), "c").unwrap_err();
+        assert!(e.to_string().contains("CONNECTION_TIMEOUT"), "{e}");
+        let e = c.apply_env(|k| (k == "CONNECTION_TIMEOUT").then(|| "0".to_owned()), "c").unwrap_err();
+        assert!(e.to_string().contains("connectionTimeout"), "{e}");
     }
 
     #[test]

@@ -32,6 +32,14 @@ pub enum AgentError {
     /// An admin rejected this device's registration.
     #[error("an admin rejected this device's registration request {0}")]
     Rejected(String),
+    /// `maxReconnectAttempts` consecutive attempts failed.
+    #[error("gave up after {attempts} failed connection attempts; last error: {last}")]
+    GaveUp {
+        /// How many attempts failed in a row.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
 }
 
 /// Device wall clock, ms since the Unix epoch, with sub-millisecond precision.
@@ -90,16 +98,26 @@ pub struct Agent {
     last_step: Instant,
     /// Where config.yaml lives, to store the credentials received at onboarding.
     config_path: Option<std::path::PathBuf>,
+    /// Whether the current session got past authentication (resets the reconnect backoff).
+    authenticated: bool,
 }
 
-const BACKOFF_START: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Longest wait between reconnect attempts (unless `reconnectInterval` is longer).
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl Agent {
     /// An agent for `config`.
     pub fn new(config: Config) -> Self {
         let epoch = format!("{:08x}", rand::rng().random::<u32>());
-        Agent { config, epoch, sequence: 0, boat: Boat::default(), last_step: Instant::now(), config_path: None }
+        Agent {
+            config,
+            epoch,
+            sequence: 0,
+            boat: Boat::default(),
+            last_step: Instant::now(),
+            config_path: None,
+            authenticated: false,
+        }
     }
 
     /// Saves credentials received at onboarding to this file.
@@ -129,22 +147,33 @@ impl Agent {
                 _ = cancel.cancelled() => return Ok(()),
             }
         }
-        let mut backoff = BACKOFF_START;
+        let start = Duration::from_secs_f64(self.config.reconnect_interval);
+        let max_wait = BACKOFF_MAX.max(start);
+        let mut backoff = start;
+        // Consecutive attempts that did not reach `auth_ok`.
+        let mut failures = 0u32;
         loop {
-            let started = Instant::now();
+            self.authenticated = false;
             let result = tokio::select! {
                 r = self.session() => r,
                 _ = cancel.cancelled() => return Ok(()),
             };
-            match result {
-                Err(SessionEnd::Refused(code, message)) => {
-                    return Err(AgentError::Refused { code, message });
+            let why = match result {
+                Err(SessionEnd::Refused(code, message)) => return Err(AgentError::Refused { code, message }),
+                Err(SessionEnd::Lost(why)) => why,
+                Ok(()) => "the relay closed the link".to_owned(),
+            };
+            tracing::warn!("relay link lost: {why}");
+            if self.authenticated {
+                // The link worked: start the backoff over.
+                failures = 0;
+                backoff = start;
+            } else {
+                failures += 1;
+                let max = self.config.max_reconnect_attempts;
+                if max > 0 && failures >= max {
+                    return Err(AgentError::GaveUp { attempts: failures, last: why });
                 }
-                Err(SessionEnd::Lost(why)) => tracing::warn!("relay link lost: {why}"),
-                Ok(()) => tracing::info!("relay closed the link"),
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                backoff = BACKOFF_START;
             }
             let jitter = rand::rng().random_range(0.5..1.0);
             let wait = backoff.mul_f64(jitter);
@@ -153,7 +182,7 @@ impl Agent {
                 _ = tokio::time::sleep(wait) => {}
                 _ = cancel.cancelled() => return Ok(()),
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff = (backoff * 2).min(max_wait);
         }
     }
 
@@ -309,8 +338,15 @@ impl Agent {
                 return Err(SessionEnd::Lost(format!("link closed during authentication: {other:?}")));
             }
         };
-        // A link that is silent for three ping periods (the relay pings every period) is dead.
-        let dead_after = ping_interval * 3 + Duration::from_secs(5);
+        self.authenticated = true;
+        tracing::debug!(relay_ping_ms = ping_interval.as_millis() as u64, "link up");
+        // Dead link detection: the agent pings every third of connectionTimeout, so a relay
+        // that answers nothing (not even pongs) for connectionTimeout is gone, whatever TCP says.
+        let dead_after = Duration::from_secs_f64(self.config.connection_timeout);
+        let mut heartbeat = tokio::time::interval(dead_after / 3);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A send that cannot complete within the timeout means the same.
+        let send_limit = dead_after;
         let period = Duration::from_secs_f64(1.0 / self.config.telemetry.rate_hz);
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -320,7 +356,10 @@ impl Agent {
             tokio::select! {
                 _ = tick.tick(), if self.config.telemetry.simulator => {
                     let frame = self.next_frame();
-                    tx.send(Message::Text(frame.into())).await.map_err(|e| SessionEnd::Lost(e.to_string()))?;
+                    send_within(&mut tx, Message::Text(frame.into()), send_limit).await?;
+                }
+                _ = heartbeat.tick() => {
+                    send_within(&mut tx, Message::Ping(Default::default()), send_limit).await?;
                 }
                 msg = rx.next() => {
                     let recv_ms = now_ms();
@@ -330,7 +369,7 @@ impl Agent {
                         Some(Err(e)) => return Err(SessionEnd::Lost(e.to_string())),
                         Some(Ok(Message::Text(t))) => {
                             if let Some(reply) = self.on_message(&t, recv_ms) {
-                                tx.send(Message::Text(reply.into())).await.map_err(|e| SessionEnd::Lost(e.to_string()))?;
+                                send_within(&mut tx, Message::Text(reply.into()), send_limit).await?;
                             }
                         }
                         Some(Ok(Message::Close(f))) => {
@@ -407,6 +446,18 @@ impl Agent {
                 Some(e.to_json())
             }
         }
+    }
+}
+
+/// Sends one message, giving up (link lost) if it cannot be written within `limit`.
+async fn send_within<S>(tx: &mut S, m: Message, limit: Duration) -> Result<(), SessionEnd>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    match tokio::time::timeout(limit, tx.send(m)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(SessionEnd::Lost(e.to_string())),
+        Err(_) => Err(SessionEnd::Lost(format!("could not send for {:.0} s", limit.as_secs_f64()))),
     }
 }
 

@@ -26,10 +26,14 @@ enum Command {
 }
 
 /// Exit codes: 0 stopped normally, 2 bad configuration, 3 credentials or handshake key refused
-/// by the relay, 4 registration rejected by an admin.
+/// by the relay, 4 registration rejected by an admin, 5 gave up reconnecting
+/// (`maxReconnectAttempts`).
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config) {
+    let config = match Config::load(&cli.config).and_then(|mut c| {
+        c.apply_env(|k| std::env::var(k).ok(), &cli.config.display().to_string())?;
+        Ok(c)
+    }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tether-device: invalid configuration: {e}");
@@ -81,6 +85,10 @@ fn main() -> ExitCode {
             Err(e @ AgentError::Rejected(_)) => {
                 tracing::error!("{e}");
                 ExitCode::from(4)
+            }
+            Err(e @ AgentError::GaveUp { .. }) => {
+                tracing::error!("{e}");
+                ExitCode::from(5)
             }
             Err(e) => {
                 tracing::error!("{e}");

@@ -307,3 +307,68 @@ async fn a_rejected_registration_ends_the_agent_with_code_4() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_handshake_key"));
     running.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn the_agent_gives_up_after_max_reconnect_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, format!("serverAddress: \"ws://127.0.0.1:{port}/ws\"\nclientID: boat-7\nclientSecret: x\n"))
+        .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
+            .arg("--config")
+            .arg(&path)
+            .env("MAX_RECONNECT_ATTEMPTS", "3")
+            .env("RECONNECT_INTERVAL", "0.1")
+            .output(),
+    )
+    .await
+    .expect("the agent gives up")
+    .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gave up after 3 failed connection attempts"), "{err}");
+    assert_eq!(err.matches("reconnecting in").count(), 2, "three attempts, two waits: {err}");
+    // A bad value in the environment is a configuration error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
+        .arg("--config")
+        .arg(&path)
+        .env("RECONNECT_INTERVAL", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn a_silent_relay_is_detected_and_the_agent_reconnects() {
+    // A fake relay: it authenticates the agent, then neither reads nor answers anything (a
+    // half-dead 4G link looks like this: TCP stays up, nothing comes back).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, format!("serverAddress: \"ws://{addr}/ws\"\nclientID: boat-7\nclientSecret: x\nconnectionTimeout: 1.5\nreconnectInterval: 0.1\n")).unwrap();
+    let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
+        .arg("--config")
+        .arg(&path)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await.unwrap().unwrap();
+    let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+    let ok = json!({"type":"auth_ok","payload":{"clientID":"boat-7","role":"device","org":"default","relayTime":1.0,"pingIntervalMs":20000}});
+    ws.send(Message::Text(ok.to_string().into())).await.unwrap();
+    let silent_since = std::time::Instant::now();
+    // Hold the socket without reading: no pongs, no answers. The agent must give up on it and
+    // connect again on its own.
+    let (tcp2, _) =
+        tokio::time::timeout(Duration::from_secs(15), listener.accept()).await.expect("the agent reconnects").unwrap();
+    let waited = silent_since.elapsed();
+    assert!(waited >= Duration::from_millis(1400), "not before connectionTimeout: {waited:?}");
+    drop((ws, tcp2));
+    agent.kill().await.unwrap();
+}
