@@ -63,7 +63,7 @@ async fn https_and_wss_with_a_certificate_made_at_test_time() {
     let mut req = "wss://localhost/ws?clientID=boat-1".into_client_request().unwrap();
     req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {secret}")).unwrap());
     let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
-    let mut next_type = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| loop {
+    let next_type = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| loop {
         let m = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
         if let Message::Text(t) = m {
             let v: serde_json::Value = serde_json::from_str(&t).unwrap();
