@@ -118,6 +118,10 @@ pub struct Config {
     /// (`connectionTimeout`, env `CONNECTION_TIMEOUT`, default 30).
     #[serde(default = "default_connection_timeout")]
     pub connection_timeout: f64,
+    /// PEM file of extra certificate authorities to trust for `wss://` (private deployments);
+    /// the public web roots are trusted as well (`caFile`, default none).
+    #[serde(rename = "caFile", default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Telemetry publishing.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -228,6 +232,11 @@ impl Config {
                 "handshakeKey",
                 "without clientID/clientSecret the agent needs a handshakeKey to register".into(),
             );
+        }
+        if let Some(ca) = &self.ca_file {
+            if !ca.is_file() {
+                return bad("caFile", format!("{} is not a readable file", ca.display()));
+            }
         }
         if !(self.reconnect_interval > 0.0 && self.reconnect_interval <= 3600.0) {
             return bad(

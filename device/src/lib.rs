@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod link;
+pub mod net;
 pub mod sim;
 
 pub use config::Config;

@@ -100,6 +100,8 @@ pub struct Agent {
     config_path: Option<std::path::PathBuf>,
     /// Whether the current session got past authentication (resets the reconnect backoff).
     authenticated: bool,
+    /// TLS client settings, built on first use.
+    tls: std::sync::OnceLock<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// Longest wait between reconnect attempts (unless `reconnectInterval` is longer).
@@ -117,6 +119,7 @@ impl Agent {
             last_step: Instant::now(),
             config_path: None,
             authenticated: false,
+            tls: Default::default(),
         }
     }
 
@@ -206,45 +209,48 @@ impl Agent {
         let path = format!("{}/status/{request}", status_url.path().trim_end_matches('/'));
         status_url.set_path(&path);
         status_url.set_query(None);
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .build()
-            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let tls = self.tls()?;
         let mut wait = Duration::from_secs(1);
         loop {
-            match http.get(status_url.as_str()).send().await {
-                Ok(resp) if resp.status() == reqwest::StatusCode::NOT_FOUND => {
+            match crate::net::get_json(&status_url, &tls).await {
+                Ok((404, _)) => {
                     // The relay forgot the request (e.g. a new database): register again.
                     tracing::warn!(%request, "the relay does not know this registration request; registering again");
                     self.config.registration_request_id = None;
                     self.save()?;
                     return Box::pin(self.onboard()).await;
                 }
-                Ok(resp) => {
-                    let v: serde_json::Value = resp.json().await.unwrap_or_default();
-                    match v["status"].as_str() {
-                        Some("approved") => {
-                            let (Some(id), Some(secret)) = (v["clientID"].as_str(), v["clientSecret"].as_str()) else {
-                                return Err(AgentError::Config(format!(
-                                    "request {request} was approved but its secret was already fetched; ask an admin to rotate this device's secret and put it in config.yaml"
-                                )));
-                            };
-                            self.config.client_id = id.to_owned();
-                            self.config.client_secret = secret.to_owned();
-                            self.config.registration_request_id = None;
-                            self.save()?;
-                            tracing::info!(client_id = %id, "approved; credentials saved to config.yaml");
-                            return Ok(());
-                        }
-                        Some("rejected") => return Err(AgentError::Rejected(request)),
-                        _ => tracing::debug!(%request, "registration still pending"),
+                Ok((_, v)) => match v["status"].as_str() {
+                    Some("approved") => {
+                        let (Some(id), Some(secret)) = (v["clientID"].as_str(), v["clientSecret"].as_str()) else {
+                            return Err(AgentError::Config(format!(
+                                "request {request} was approved but its secret was already fetched; ask an admin to rotate this device's secret and put it in config.yaml"
+                            )));
+                        };
+                        self.config.client_id = id.to_owned();
+                        self.config.client_secret = secret.to_owned();
+                        self.config.registration_request_id = None;
+                        self.save()?;
+                        tracing::info!(client_id = %id, "approved; credentials saved to config.yaml");
+                        return Ok(());
                     }
-                }
+                    Some("rejected") => return Err(AgentError::Rejected(request)),
+                    _ => tracing::debug!(%request, "registration still pending"),
+                },
                 Err(e) => tracing::warn!("cannot poll the registration status: {e}"),
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(30));
         }
+    }
+
+    /// The TLS settings for `wss://` (built once; a bad `caFile` is a configuration error).
+    fn tls(&self) -> Result<std::sync::Arc<tokio_rustls::rustls::ClientConfig>, AgentError> {
+        if let Some(t) = self.tls.get() {
+            return Ok(t.clone());
+        }
+        let t = crate::net::tls_config(self.config.ca_file.as_deref()).map_err(AgentError::Config)?;
+        Ok(self.tls.get_or_init(|| t).clone())
     }
 
     fn save(&self) -> Result<(), AgentError> {
@@ -258,14 +264,10 @@ impl Agent {
     async fn register(&self) -> Result<String, AgentError> {
         let mut wait = Duration::from_secs(1);
         loop {
+            let tls = self.tls()?;
             let attempt = async {
-                let (mut ws, _) = tokio::time::timeout(
-                    Duration::from_secs(15),
-                    tokio_tungstenite::connect_async(self.config.server_address.as_str()),
-                )
-                .await
-                .map_err(|_| "connect timed out".to_owned())?
-                .map_err(|e| format!("connect to {}: {e}", self.config.server_address))?;
+                let req = self.config.server_address.as_str().into_client_request().map_err(|e| e.to_string())?;
+                let mut ws = crate::net::websocket(req, &tls).await?;
                 let reg = signaling::message::Register {
                     name: self.config.name.clone(),
                     handshake_key: self.config.handshake_key.clone(),
@@ -308,10 +310,10 @@ impl Agent {
             )
         })?;
         req.headers_mut().insert("authorization", bearer);
-        let (ws, _) = tokio::time::timeout(Duration::from_secs(15), tokio_tungstenite::connect_async(req))
+        let tls = self.tls().map_err(|e| SessionEnd::Lost(e.to_string()))?;
+        let ws = crate::net::websocket(req, &tls)
             .await
-            .map_err(|_| SessionEnd::Lost("connect timed out".into()))?
-            .map_err(|e| SessionEnd::Lost(format!("connect to {}: {e}", self.config.server_address)))?;
+            .map_err(|e| SessionEnd::Lost(format!("{}: {e}", self.config.server_address)))?;
         let (mut tx, mut rx) = ws.split();
 
         // The relay answers auth_ok or error first.

@@ -372,3 +372,71 @@ async fn a_silent_relay_is_detected_and_the_agent_reconnects() {
     drop((ws, tcp2));
     agent.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_agent_verifies_wss_against_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let running = relay::start(RelayConfig {
+        port: 0,
+        bind: "127.0.0.1".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        admin_key: Some(ADMIN.into()),
+        tls_cert: Some(cert_path.clone()),
+        tls_key: Some(key_path),
+        ..RelayConfig::default()
+    })
+    .await
+    .unwrap();
+    let secret =
+        running.relay.store.call_sync(|c| relay::auth::issue_device_sync(c, "boat-7", "default", "Boat 7")).unwrap();
+    let port = running.addr.port();
+    let path = dir.path().join("config.yaml");
+
+    // Without the private CA the relay's certificate is not trusted: the agent never connects.
+    std::fs::write(
+        &path,
+        format!("serverAddress: \"wss://localhost:{port}/ws\"\nclientID: boat-7\nclientSecret: \"{secret}\"\n"),
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
+            .arg("--config")
+            .arg(&path)
+            .env("MAX_RECONNECT_ATTEMPTS", "2")
+            .env("RECONNECT_INTERVAL", "0.1")
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate"), "{err}");
+    assert!(!running.relay.hub.is_online("boat-7"));
+
+    // With caFile it verifies and connects.
+    std::fs::write(
+        &path,
+        format!("serverAddress: \"wss://localhost:{port}/ws\"\nclientID: boat-7\nclientSecret: \"{secret}\"\ncaFile: \"{}\"\n", cert_path.display()),
+    )
+    .unwrap();
+    let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
+        .arg("--config")
+        .arg(&path)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !running.relay.hub.is_online("boat-7") {
+        assert!(tokio::time::Instant::now() < deadline, "the agent did not connect over wss");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(agent.try_wait().unwrap().is_none());
+    agent.kill().await.unwrap();
+    running.shutdown(Duration::from_secs(5)).await;
+}
