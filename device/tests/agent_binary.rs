@@ -10,6 +10,13 @@ use relay::store::{OperatorRole, q};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+/// The real agent binary, run with `config`.
+fn agent_cmd(config: &std::path::Path) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"));
+    c.arg("--config").arg(config);
+    c
+}
+
 const ADMIN: &str = "tk_admin_0123456789abcdef";
 
 async fn start(dir: &std::path::Path, port: u16) -> relay::RunningRelay {
@@ -94,12 +101,7 @@ async fn agent_publishes_with_clock_sync_and_survives_a_relay_restart() {
         })
         .unwrap();
     let config = write_config(dir.path(), addr, &secret);
-    let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
-        .arg("--config")
-        .arg(&config)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut agent = agent_cmd(&config).kill_on_drop(true).spawn().unwrap();
 
     let mut p = pilot(addr, &key).await;
     let first = frame(&mut p).await;
@@ -148,13 +150,10 @@ async fn refused_credentials_exit_with_code_3_and_a_clear_message() {
         .call_sync(|c| relay::auth::issue_device_sync(c, "boat-7", "default", "Boat 7").map(|_| ()))
         .unwrap();
     let config = write_config(dir.path(), running.addr, "wrong-secret");
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device")).arg("--config").arg(&config).output(),
-    )
-    .await
-    .expect("the agent gives up instead of retrying forever")
-    .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), agent_cmd(&config).output())
+        .await
+        .expect("the agent gives up instead of retrying forever")
+        .unwrap();
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refused this device's credentials"), "{err}");
@@ -221,12 +220,7 @@ async fn agent_onboards_with_a_handshake_key_and_stores_its_credentials() {
         ),
     )
     .unwrap();
-    let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
-        .arg("--config")
-        .arg(&path)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut agent = agent_cmd(&path).kill_on_drop(true).spawn().unwrap();
     let request = pending_request(addr).await;
     // While pending, the request id is kept in the config so a restart resumes polling.
     assert!(std::fs::read_to_string(&path).unwrap().contains(&request));
@@ -277,13 +271,7 @@ async fn a_rejected_registration_ends_the_agent_with_code_4() {
         ),
     )
     .unwrap();
-    let agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
-        .arg("--config")
-        .arg(&path)
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let agent = agent_cmd(&path).stderr(std::process::Stdio::piped()).kill_on_drop(true).spawn().unwrap();
     let request = pending_request(addr).await;
     admin(addr, reqwest::Method::POST, &format!("/api/registrations/{request}/reject"), None).await;
     let out = tokio::time::timeout(Duration::from_secs(60), agent.wait_with_output())
@@ -296,13 +284,7 @@ async fn a_rejected_registration_ends_the_agent_with_code_4() {
     // A wrong handshake key is refused at once with code 3, no busy loop.
     std::fs::write(&path, format!("serverAddress: \"ws://{addr}/ws\"\nhandshakeKey: \"not-a-real-key-123\"\n"))
         .unwrap();
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device")).arg("--config").arg(&path).output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), agent_cmd(&path).output()).await.unwrap().unwrap();
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_handshake_key"));
     running.shutdown(Duration::from_secs(5)).await;
@@ -318,12 +300,7 @@ async fn the_agent_gives_up_after_max_reconnect_attempts() {
         .unwrap();
     let out = tokio::time::timeout(
         Duration::from_secs(30),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
-            .arg("--config")
-            .arg(&path)
-            .env("MAX_RECONNECT_ATTEMPTS", "3")
-            .env("RECONNECT_INTERVAL", "0.1")
-            .output(),
+        agent_cmd(&path).env("MAX_RECONNECT_ATTEMPTS", "3").env("RECONNECT_INTERVAL", "0.1").output(),
     )
     .await
     .expect("the agent gives up")
@@ -351,12 +328,7 @@ async fn a_silent_relay_is_detected_and_the_agent_reconnects() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, format!("serverAddress: \"ws://{addr}/ws\"\nclientID: boat-7\nclientSecret: x\nconnectionTimeout: 1.5\nreconnectInterval: 0.1\n")).unwrap();
-    let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
-        .arg("--config")
-        .arg(&path)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut agent = agent_cmd(&path).kill_on_drop(true).spawn().unwrap();
 
     let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await.unwrap().unwrap();
     let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
@@ -404,12 +376,7 @@ async fn the_agent_verifies_wss_against_a_private_ca() {
     .unwrap();
     let out = tokio::time::timeout(
         Duration::from_secs(30),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
-            .arg("--config")
-            .arg(&path)
-            .env("MAX_RECONNECT_ATTEMPTS", "2")
-            .env("RECONNECT_INTERVAL", "0.1")
-            .output(),
+        agent_cmd(&path).env("MAX_RECONNECT_ATTEMPTS", "2").env("RECONNECT_INTERVAL", "0.1").output(),
     )
     .await
     .unwrap()
@@ -425,12 +392,7 @@ async fn the_agent_verifies_wss_against_a_private_ca() {
         format!("serverAddress: \"wss://localhost:{port}/ws\"\nclientID: boat-7\nclientSecret: \"{secret}\"\ncaFile: \"{}\"\n", cert_path.display()),
     )
     .unwrap();
-    let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
-        .arg("--config")
-        .arg(&path)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut agent = agent_cmd(&path).kill_on_drop(true).spawn().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !running.relay.hub.is_online("boat-7") {
         assert!(tokio::time::Instant::now() < deadline, "the agent did not connect over wss");

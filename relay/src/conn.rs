@@ -149,11 +149,13 @@ async fn authenticate(
     ip: Option<&str>,
 ) -> Option<(Identity, Overrides)> {
     let ip_key = ip.unwrap_or("unknown");
-    let refuse = |code: ErrorCode, msg: &str, corr: Option<String>| {
+    // Queue the error, then close with `close`: the one way this function turns a peer away.
+    let close_with = |code: ErrorCode, msg: &str, corr: Option<String>, close: u16| {
         let _ = outbox.push_control(error_text(relay, code, msg, corr));
-        outbox.close(1008, code.as_str());
+        outbox.close(close, code.as_str());
         None
     };
+    let refuse = |code: ErrorCode, msg: &str, corr: Option<String>| close_with(code, msg, corr, 1008);
     let fail = |code: ErrorCode, msg: &str, corr: Option<String>| {
         relay.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         relay.limits.auth_failed(ip_key);
@@ -210,32 +212,24 @@ async fn authenticate(
                 Err(_) => return fail(ErrorCode::AuthTimeout, "no auth message arrived in time", None),
                 Ok(None) => return None,
                 Ok(Some(Err(e))) => {
-                    if let Some((code, msg, close)) = read_error(&e) {
-                        let _ = outbox.push_control(error_text(relay, code, msg, None));
-                        outbox.close(close, code.as_str());
-                    }
-                    return None;
+                    return read_error(&e).and_then(|(code, msg, close)| close_with(code, &msg, None, close));
                 }
                 Ok(Some(Ok(m))) if oversize(&m, relay.config.max_message_size).is_some() => {
-                    let _ = outbox.push_control(error_text(
-                        relay,
+                    return close_with(
                         ErrorCode::FrameTooLarge,
                         "the first message exceeds the size limit",
                         None,
-                    ));
-                    outbox.close(1009, "frame_too_large");
-                    return None;
+                        1009,
+                    );
                 }
                 Ok(Some(Ok(Message::Text(t)))) => t,
                 Ok(Some(Ok(Message::Binary(_)))) => {
-                    let _ = outbox.push_control(error_text(
-                        relay,
+                    return close_with(
                         ErrorCode::BinaryNotSupported,
                         "messages are JSON text frames; authenticate first",
                         None,
-                    ));
-                    outbox.close(1003, "binary_not_supported");
-                    return None;
+                        1003,
+                    );
                 }
                 Ok(Some(Ok(Message::Close(_)))) => return None,
                 Ok(Some(Ok(_))) => {
