@@ -4,10 +4,13 @@
 //! sync, telemetry, reconnection); [`sim`] is the simulated boat whose telemetry it publishes
 //! in the demo and the tests.
 
+pub mod commands;
 pub mod config;
 pub mod link;
+pub mod local;
 pub mod net;
 pub mod sim;
+pub mod supervise;
 
 pub use config::Config;
 pub use link::{Agent, AgentError};

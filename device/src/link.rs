@@ -440,6 +440,7 @@ impl Agent {
                 let reply = CommandResult {
                     ok: false,
                     error: Some(format!("{ty} is not supported by this agent version")),
+                    code: Some(ErrorCode::Unsupported),
                     data: None,
                 };
                 let mut e = Envelope::new(reply);

@@ -56,6 +56,14 @@ pub enum ErrorCode {
     Revoked,
     /// The target cannot do this (e.g. no docker on the device).
     Unsupported,
+    /// The device refused a program that its `commands.allow` list does not name (or a shell
+    /// command while `commands.allowShell` is off).
+    CommandNotAllowed,
+    /// A configuration update or reload was refused; the device keeps its last good config.
+    InvalidConfig,
+    /// No robot software is connected to the agent's local socket to take an app command, or
+    /// it did not answer in time.
+    RobotUnavailable,
     /// Something failed inside the relay; the message says what, the log has details.
     Internal,
 }
@@ -87,6 +95,9 @@ impl ErrorCode {
         ErrorCode::NotController,
         ErrorCode::Revoked,
         ErrorCode::Unsupported,
+        ErrorCode::CommandNotAllowed,
+        ErrorCode::InvalidConfig,
+        ErrorCode::RobotUnavailable,
         ErrorCode::Internal,
     ];
 
@@ -117,6 +128,9 @@ impl ErrorCode {
             ErrorCode::NotController => "not_controller",
             ErrorCode::Revoked => "revoked",
             ErrorCode::Unsupported => "unsupported",
+            ErrorCode::CommandNotAllowed => "command_not_allowed",
+            ErrorCode::InvalidConfig => "invalid_config",
+            ErrorCode::RobotUnavailable => "robot_unavailable",
             ErrorCode::Internal => "internal",
         }
     }

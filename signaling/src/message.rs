@@ -158,6 +158,18 @@ bodies! {
     ExecuteCommand = "execute_command" (ExecuteCommand);
     /// Device -> operator: the output and exit status of `execute_command`.
     CommandOutput = "command_output" (CommandOutput);
+    /// Device -> operator: a chunk of a running command's output, before its `command_output`.
+    CommandProgress = "command_progress" (CommandProgress);
+    /// Operator -> device: list, start, stop or restart containers through the docker CLI.
+    DockerCommand = "docker_command" (DockerCommand);
+    /// Device -> relay -> the device's subscribers: the supervised processes' state.
+    ProcessState = "process_state" (ProcessState);
+    /// Device -> relay -> pilots subscribed with `logs: true`: one line of a supervised
+    /// process's output.
+    Log = "log" (LogLine);
+    /// Device -> relay -> the device's subscribers: the agent told the robot software to stop
+    /// (controller silent or link lost); sent late, with its original time, if the link was down.
+    SafetyStop = "safety_stop" (SafetyStop);
     /// Operator -> device: replace (merge) configuration and save it to config.yaml.
     UpdateClientConfig = "update_client_config" (UpdateClientConfig);
     /// Operator -> device: re-read config.yaml and apply it.
@@ -501,6 +513,9 @@ pub struct Subscribe {
     /// Whether to receive the buffered frames first (default true).
     #[serde(default = "yes")]
     pub replay: bool,
+    /// Also receive the device's `log` lines (default false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logs: bool,
 }
 
 fn yes() -> bool {
@@ -561,6 +576,90 @@ pub struct ExecuteCommand {
     /// Kill it after this long.
     #[serde(rename = "timeoutMs", default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Run `command` through `sh -c` (only if the device's config allows shell commands).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shell: bool,
+}
+
+/// `command_progress` payload: output produced so far by a running `execute_command`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommandProgress {
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The text (UTF-8, invalid bytes replaced).
+    pub data: String,
+    /// Bytes of this stream sent before this chunk.
+    pub offset: u64,
+}
+
+/// `docker_command` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DockerCommand {
+    /// `list`, `start`, `stop` or `restart`.
+    pub action: String,
+    /// The container (name or id); not needed for `list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// One supervised process in `process_state`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Its key under `paths` in config.yaml.
+    pub name: String,
+    /// `starting`, `running`, `exited`, `restarting`, `failed` (could not start) or `stopped`.
+    pub state: String,
+    /// OS process id while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Restarts so far.
+    #[serde(default)]
+    pub restarts: u32,
+    /// How the last run ended: `exit 3`, `signal 9`, or why it could not start.
+    #[serde(rename = "lastExit", default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// When the next start is due while `restarting`, ms since the Unix epoch (device clock).
+    #[serde(rename = "restartAt", default, skip_serializing_if = "Option::is_none")]
+    pub restart_at: Option<f64>,
+    /// When `state` last changed, ms since the Unix epoch (device clock).
+    pub since: f64,
+}
+
+/// `process_state` payload: every supervised process.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessState {
+    /// One entry per `paths` entry.
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// `log` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// The supervised process (its `paths` key), or `agent`.
+    pub process: String,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The line, without its newline.
+    pub line: String,
+    /// Device clock, ms since the Unix epoch.
+    pub timestamp: f64,
+}
+
+/// `safety_stop` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SafetyStop {
+    /// What the robot was told to do: `hold`, `stop` or `return`.
+    pub policy: String,
+    /// `controller_silent` (the control lease expired), `controller_disconnected` or `link_lost`.
+    pub reason: String,
+    /// Device clock when the stop was issued, ms since the Unix epoch.
+    pub timestamp: f64,
+    /// The pilot who held the control lease, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
+    /// True when the stop happened while the link was down and is reported afterwards.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
 }
 
 /// `command_output` payload.
@@ -578,6 +677,12 @@ pub struct CommandOutput {
     /// Wall time the program ran.
     #[serde(rename = "durationMs", default)]
     pub duration_ms: u64,
+    /// True when the program was killed at its timeout.
+    #[serde(rename = "timedOut", default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    /// True when output beyond the device's cap was discarded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// `update_client_config` payload.
@@ -617,6 +722,9 @@ pub struct CommandResult {
     /// Why not, when `ok` is false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The stable error code, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
     /// Anything the device wants to return.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Value>,

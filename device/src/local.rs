@@ -1,0 +1,1 @@
+//! The local socket API for the robot software (being written).
