@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -47,23 +48,149 @@ pub enum ConfigError {
     Invalid {
         /// The file.
         path: String,
-        /// The field.
-        field: &'static str,
+        /// The field, as a path into the file (`commands.timeout`, `paths.svc.runOnInit`).
+        field: String,
         /// What is wrong.
         message: String,
     },
 }
 
-/// Simulated-boat and publishing settings.
+/// A duration written as text in the file: `250ms`, `30s`, `5m`, `1h30m`, or a plain number of
+/// seconds. Written back exactly as it was read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "serde_norway::Value", into = "serde_norway::Value")]
+pub struct Dur {
+    text: serde_norway::Value,
+    /// The parsed value.
+    pub value: Duration,
+}
+
+impl Dur {
+    /// A duration from its text form (panics only on a bad literal in this crate's defaults).
+    fn lit(text: &str) -> Dur {
+        Dur { text: serde_norway::Value::String(text.into()), value: parse_duration(text).unwrap_or_default() }
+    }
+}
+
+impl TryFrom<serde_norway::Value> for Dur {
+    type Error = String;
+    fn try_from(v: serde_norway::Value) -> Result<Self, String> {
+        let value = match &v {
+            serde_norway::Value::String(s) => parse_duration(s)?,
+            serde_norway::Value::Number(n) => {
+                let s = n.as_f64().filter(|s| s.is_finite() && *s >= 0.0).ok_or("a duration cannot be negative")?;
+                Duration::from_secs_f64(s)
+            }
+            other => return Err(format!("expected a duration like \"30s\", got {other:?}")),
+        };
+        Ok(Dur { text: v, value })
+    }
+}
+
+impl From<Dur> for serde_norway::Value {
+    fn from(d: Dur) -> Self {
+        d.text
+    }
+}
+
+/// Parses `250ms`, `30s`, `5m`, `2h`, `1d`, compounds like `1h30m`, or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let s = text.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return if secs.is_finite() && secs >= 0.0 {
+            Ok(Duration::from_secs_f64(secs))
+        } else {
+            Err(format!("{text:?} is not a valid number of seconds"))
+        };
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let unit_len = rest[num_len..].find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len() - num_len);
+        let (num, unit) = (&rest[..num_len], &rest[num_len..num_len + unit_len]);
+        let n: f64 =
+            num.parse().map_err(|_| format!("{text:?} is not a duration (try \"30s\", \"5m\" or \"1h30m\")"))?;
+        let scale = match unit.trim() {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86_400.0,
+            u => return Err(format!("{text:?}: unknown unit {u:?} (use ms, s, m, h or d)")),
+        };
+        total += n * scale;
+        rest = &rest[num_len + unit_len..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// What to do with telemetry frames while the link is down and the buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum BufferPolicy {
+    /// Keep the newest frames, dropping the oldest (default: the pilot sees the latest state).
+    #[default]
+    DropOldest,
+    /// Keep the oldest frames, dropping new ones (keeps the beginning of an incident).
+    DropNewest,
+}
+
+/// The offline telemetry buffer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BufferConfig {
+    /// Frames kept while the link is down (default 10000).
+    #[serde(default = "default_buffer_frames")]
+    pub max_frames: usize,
+    /// `dropOldest` (default) or `dropNewest` when full.
+    #[serde(default)]
+    pub policy: BufferPolicy,
+}
+
+fn default_buffer_frames() -> usize {
+    10_000
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig { max_frames: default_buffer_frames(), policy: BufferPolicy::default() }
+    }
+}
+
+/// Telemetry sources and publishing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TelemetryConfig {
     /// Frames per second from the built-in simulator (default 5).
     #[serde(default = "default_rate")]
     pub rate_hz: f64,
-    /// Publish the built-in simulated boat's telemetry (default true).
-    #[serde(default = "yes")]
+    /// Publish a built-in simulated boat's telemetry as stream `sensor_data` (default false;
+    /// the demo runs `tether-boat`, a separate program, instead).
+    #[serde(default)]
     pub simulator: bool,
+    /// Publish CPU, memory, disk and network metrics as stream `system` (default true).
+    #[serde(default = "yes")]
+    pub system_metrics: bool,
+    /// How often (default 5s, like seed 002's agent).
+    #[serde(default = "default_system_interval")]
+    pub system_interval: Dur,
+    /// Local UDP input for JSON datagrams (default `127.0.0.1:47300`; empty disables it).
+    #[serde(default = "default_udp")]
+    pub udp: String,
+    /// Local Unix socket for JSON lines both ways (default `/run/tether/robot.sock`; empty
+    /// disables it).
+    #[serde(default = "default_unix_socket")]
+    pub unix_socket: String,
+    /// Offline buffering.
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    /// Buffered frames sent per second after a reconnect, behind live frames (default 50).
+    #[serde(default = "default_backfill_rate")]
+    pub backfill_rate: f64,
 }
 
 fn default_rate() -> f64 {
@@ -74,9 +201,225 @@ fn yes() -> bool {
     true
 }
 
+fn default_system_interval() -> Dur {
+    Dur::lit("5s")
+}
+
+fn default_udp() -> String {
+    "127.0.0.1:47300".into()
+}
+
+fn default_unix_socket() -> String {
+    "/run/tether/robot.sock".into()
+}
+
+fn default_backfill_rate() -> f64 {
+    50.0
+}
+
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { rate_hz: default_rate(), simulator: true }
+        TelemetryConfig {
+            rate_hz: default_rate(),
+            simulator: false,
+            system_metrics: true,
+            system_interval: default_system_interval(),
+            udp: default_udp(),
+            unix_socket: default_unix_socket(),
+            buffer: BufferConfig::default(),
+            backfill_rate: default_backfill_rate(),
+        }
+    }
+}
+
+/// `execute_command` rules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandsConfig {
+    /// Programs that may be run: a bare name (`uptime`) allows that name looked up in PATH, a
+    /// path (`/usr/bin/df`) allows exactly that file, `"*"` allows anything. Default: none.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Allow `shell: true` requests (`sh -c <command>`; the allow list cannot vet those).
+    /// Default false.
+    #[serde(default)]
+    pub allow_shell: bool,
+    /// Kill a command after this long unless the request says otherwise (default 30s).
+    #[serde(default = "default_command_timeout")]
+    pub timeout: Dur,
+    /// The longest `timeoutMs` a request may ask for (default 1h).
+    #[serde(default = "default_max_timeout")]
+    pub max_timeout: Dur,
+    /// Output kept per stream (stdout, stderr); the rest is discarded and `truncated` set
+    /// (default 65536).
+    #[serde(default = "default_max_output")]
+    pub max_output_bytes: usize,
+    /// Correlation IDs remembered to refuse running a redelivered command twice (default 256).
+    #[serde(default = "default_remember")]
+    pub remember: usize,
+    /// How long the robot software has to answer an app command (default 10s).
+    #[serde(default = "default_app_timeout")]
+    pub app_command_timeout: Dur,
+}
+
+fn default_command_timeout() -> Dur {
+    Dur::lit("30s")
+}
+
+fn default_max_timeout() -> Dur {
+    Dur::lit("1h")
+}
+
+fn default_max_output() -> usize {
+    65_536
+}
+
+fn default_remember() -> usize {
+    256
+}
+
+fn default_app_timeout() -> Dur {
+    Dur::lit("10s")
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        CommandsConfig {
+            allow: Vec::new(),
+            allow_shell: false,
+            timeout: default_command_timeout(),
+            max_timeout: default_max_timeout(),
+            max_output_bytes: default_max_output(),
+            remember: default_remember(),
+            app_command_timeout: default_app_timeout(),
+        }
+    }
+}
+
+/// What the robot is told to do when a safety stop fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum SafetyPolicy {
+    /// Keep station at the current position.
+    Hold,
+    /// Stop the motors (default).
+    #[default]
+    Stop,
+    /// Go back to the start of the mission.
+    Return,
+}
+
+impl SafetyPolicy {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SafetyPolicy::Hold => "hold",
+            SafetyPolicy::Stop => "stop",
+            SafetyPolicy::Return => "return",
+        }
+    }
+}
+
+/// When losing the relay link triggers a safety stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum LinkLossScope {
+    /// Whenever the link stays down past the deadline.
+    Always,
+    /// Only if a pilot held the control lease when the link went down (default).
+    #[default]
+    WhenControlled,
+    /// Never (the robot's own software decides).
+    Never,
+}
+
+/// The safety stop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SafetyConfig {
+    /// `hold`, `stop` (default) or `return`.
+    #[serde(default)]
+    pub policy: SafetyPolicy,
+    /// Stop when the relay reports the controlling pilot silent or gone (default true).
+    #[serde(default = "yes")]
+    pub on_controller_lost: bool,
+    /// `always`, `whenControlled` (default) or `never`.
+    #[serde(default)]
+    pub link_loss: LinkLossScope,
+    /// How long the link may be down before the stop (default 10s).
+    #[serde(default = "default_link_loss_timeout")]
+    pub link_loss_timeout: Dur,
+}
+
+fn default_link_loss_timeout() -> Dur {
+    Dur::lit("10s")
+}
+
+impl Default for SafetyConfig {
+    fn default() -> Self {
+        SafetyConfig {
+            policy: SafetyPolicy::default(),
+            on_controller_lost: true,
+            link_loss: LinkLossScope::default(),
+            link_loss_timeout: default_link_loss_timeout(),
+        }
+    }
+}
+
+/// Camera streaming (used by the video pipeline; validated here so `check` catches mistakes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VideoConfig {
+    /// Stream video at all (default false).
+    #[serde(default)]
+    pub enabled: bool,
+    /// A GStreamer source description (default `videotestsrc is-live=true`).
+    #[serde(default = "default_video_source")]
+    pub source: String,
+    /// Pixels (default 1280).
+    #[serde(default = "default_width")]
+    pub width: u32,
+    /// Pixels (default 720).
+    #[serde(default = "default_height")]
+    pub height: u32,
+    /// Frames per second (default 30).
+    #[serde(default = "default_framerate")]
+    pub framerate: u32,
+    /// Target bitrate in kbit/s (default 1500).
+    #[serde(default = "default_bitrate")]
+    pub bitrate_kbps: u32,
+}
+
+fn default_video_source() -> String {
+    "videotestsrc is-live=true".into()
+}
+
+fn default_width() -> u32 {
+    1280
+}
+
+fn default_height() -> u32 {
+    720
+}
+
+fn default_framerate() -> u32 {
+    30
+}
+
+fn default_bitrate() -> u32 {
+    1500
+}
+
+impl Default for VideoConfig {
+    fn default() -> Self {
+        VideoConfig {
+            enabled: false,
+            source: default_video_source(),
+            width: default_width(),
+            height: default_height(),
+            framerate: default_framerate(),
+            bitrate_kbps: default_bitrate(),
+        }
     }
 }
 
@@ -122,9 +465,18 @@ pub struct Config {
     /// the public web roots are trusted as well (`caFile`, default none).
     #[serde(rename = "caFile", default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<std::path::PathBuf>,
-    /// Telemetry publishing.
+    /// Telemetry sources, local inputs and offline buffering.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// `execute_command` allow list and limits, app command timeout.
+    #[serde(default)]
+    pub commands: CommandsConfig,
+    /// The safety stop.
+    #[serde(default)]
+    pub safety: SafetyConfig,
+    /// Camera streaming.
+    #[serde(default)]
+    pub video: VideoConfig,
     /// Everything else in the file (paths, commandRestartMaxDelay, ...), kept verbatim.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_norway::Value>,
@@ -198,7 +550,7 @@ impl Config {
                 None => Ok(None),
                 Some(v) => v.trim().parse::<f64>().map(Some).map_err(|_| ConfigError::Invalid {
                     path: path.into(),
-                    field: name,
+                    field: name.into(),
                     message: format!("not a number: {v:?}"),
                 }),
             }
@@ -216,7 +568,9 @@ impl Config {
     }
 
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        let bad = |field, message: String| Err(ConfigError::Invalid { path: path.into(), field, message });
+        let bad = |field: &str, message: String| {
+            Err(ConfigError::Invalid { path: path.into(), field: field.into(), message })
+        };
         match url::Url::parse(&self.server_address) {
             Ok(u) if u.scheme() == "ws" || u.scheme() == "wss" => {}
             Ok(u) => {
@@ -250,8 +604,62 @@ impl Config {
                 format!("must be between 0.5 and 3600 seconds, got {}", self.connection_timeout),
             );
         }
-        if !(self.telemetry.rate_hz > 0.0 && self.telemetry.rate_hz <= 1000.0) {
-            return bad("telemetry.rateHz", format!("must be between 0 and 1000, got {}", self.telemetry.rate_hz));
+        let t = &self.telemetry;
+        if !(t.rate_hz > 0.0 && t.rate_hz <= 1000.0) {
+            return bad("telemetry.rateHz", format!("must be between 0 and 1000, got {}", t.rate_hz));
+        }
+        if t.system_interval.value < Duration::from_millis(100) {
+            return bad("telemetry.systemInterval", "must be at least 100ms".into());
+        }
+        if !t.udp.is_empty() && t.udp.parse::<std::net::SocketAddr>().is_err() {
+            return bad("telemetry.udp", format!("{:?} is not an address like 127.0.0.1:47300", t.udp));
+        }
+        if t.buffer.max_frames == 0 || t.buffer.max_frames > 10_000_000 {
+            return bad(
+                "telemetry.buffer.maxFrames",
+                format!("must be between 1 and 10000000, got {}", t.buffer.max_frames),
+            );
+        }
+        if !(t.backfill_rate >= 1.0 && t.backfill_rate <= 100_000.0) {
+            return bad(
+                "telemetry.backfillRate",
+                format!("must be between 1 and 100000 frames/s, got {}", t.backfill_rate),
+            );
+        }
+        let c = &self.commands;
+        if let Some(e) = c.allow.iter().find(|e| e.trim().is_empty()) {
+            return bad("commands.allow", format!("{e:?} is not a program name or path"));
+        }
+        if c.timeout.value.is_zero() || c.timeout.value > c.max_timeout.value {
+            return bad("commands.timeout", "must be above zero and at most commands.maxTimeout".into());
+        }
+        if c.max_output_bytes == 0 || c.max_output_bytes > 64 << 20 {
+            return bad(
+                "commands.maxOutputBytes",
+                format!("must be between 1 and 67108864, got {}", c.max_output_bytes),
+            );
+        }
+        if c.remember == 0 || c.remember > 100_000 {
+            return bad("commands.remember", format!("must be between 1 and 100000, got {}", c.remember));
+        }
+        if c.app_command_timeout.value.is_zero() {
+            return bad("commands.appCommandTimeout", "must be above zero".into());
+        }
+        if self.safety.link_loss_timeout.value.is_zero() {
+            return bad("safety.linkLossTimeout", "must be above zero".into());
+        }
+        let v = &self.video;
+        if v.enabled && v.source.trim().is_empty() {
+            return bad("video.source", "is empty".into());
+        }
+        if !(16..=7680).contains(&v.width) || !(16..=4320).contains(&v.height) {
+            return bad("video.width", format!("{}x{} is not a usable size", v.width, v.height));
+        }
+        if !(1..=120).contains(&v.framerate) {
+            return bad("video.framerate", format!("must be between 1 and 120, got {}", v.framerate));
+        }
+        if !(50..=50_000).contains(&v.bitrate_kbps) {
+            return bad("video.bitrateKbps", format!("must be between 50 and 50000, got {}", v.bitrate_kbps));
         }
         Ok(())
     }

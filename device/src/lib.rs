@@ -6,11 +6,15 @@
 
 pub mod commands;
 pub mod config;
+pub mod docker;
 pub mod link;
 pub mod local;
 pub mod net;
+pub mod safety;
 pub mod sim;
+pub mod speedtest;
 pub mod supervise;
+pub mod sysmetrics;
 
 pub use config::Config;
 pub use link::{Agent, AgentError};

@@ -46,7 +46,7 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, S
 }
 
 /// Opens a TCP (and for `wss`/`https`, TLS) stream to the URL's host.
-async fn open(url: &url::Url, tls: &Arc<rustls::ClientConfig>) -> Result<Box<dyn Io>, String> {
+pub(crate) async fn open(url: &url::Url, tls: &Arc<rustls::ClientConfig>) -> Result<Box<dyn Io>, String> {
     let host = url.host_str().ok_or("the URL has no host")?.to_owned();
     let secure = matches!(url.scheme(), "wss" | "https");
     let port = url.port_or_known_default().unwrap_or(if secure { 443 } else { 80 });

@@ -59,6 +59,8 @@ pub enum ErrorCode {
     /// The device refused a program that its `commands.allow` list does not name (or a shell
     /// command while `commands.allowShell` is off).
     CommandNotAllowed,
+    /// The device ran the program but it failed (e.g. docker answered an error).
+    CommandFailed,
     /// A configuration update or reload was refused; the device keeps its last good config.
     InvalidConfig,
     /// No robot software is connected to the agent's local socket to take an app command, or
@@ -96,6 +98,7 @@ impl ErrorCode {
         ErrorCode::Revoked,
         ErrorCode::Unsupported,
         ErrorCode::CommandNotAllowed,
+        ErrorCode::CommandFailed,
         ErrorCode::InvalidConfig,
         ErrorCode::RobotUnavailable,
         ErrorCode::Internal,
@@ -129,6 +132,7 @@ impl ErrorCode {
             ErrorCode::Revoked => "revoked",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::CommandNotAllowed => "command_not_allowed",
+            ErrorCode::CommandFailed => "command_failed",
             ErrorCode::InvalidConfig => "invalid_config",
             ErrorCode::RobotUnavailable => "robot_unavailable",
             ErrorCode::Internal => "internal",
