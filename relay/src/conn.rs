@@ -73,10 +73,15 @@ const WRITE_BATCH: usize = 64;
 /// Extra time a device gets beyond a command's own `timeoutMs` to report its result.
 const RESULT_GRACE: Duration = Duration::from_secs(5);
 /// Message types that may wait in the offline queue for a device. Signaling (`webrtc`) is
-/// not queued: an offer is worthless minutes later.
+/// not queued: an offer is worthless minutes later. Neither is `docker_command`: starting or
+/// stopping a container is a decision about the robot's state now, not whenever it returns.
 const QUEUEABLE: &[&str] = &["execute_command", "update_client_config", "reload_config", "speed_test", "app_command"];
 /// Message types that are requests with a result (and so a deadline).
-const WITH_RESULT: &[&str] = &["execute_command", "update_client_config", "reload_config", "speed_test", "app_command"];
+const WITH_RESULT: &[&str] =
+    &["execute_command", "docker_command", "update_client_config", "reload_config", "speed_test", "app_command"];
+/// Replies that end a request: they stop its deadline and clear a queued copy. Other replies
+/// (`command_progress`, `webrtc`) are routed the same way but leave the request open.
+const FINAL_REPLIES: &[&str] = &["command_output", "command_result", "speed_test_result"];
 
 fn error_text(relay: &Relay, code: ErrorCode, message: impl Into<String>, correlation_id: Option<String>) -> String {
     relay.metrics.count_error(code);
@@ -724,7 +729,7 @@ impl Session {
                 if self.authorize(&s.device_id, ty, corr.clone()).await.is_none() {
                     return;
                 }
-                self.relay.hub.subscribe(&s.device_id, &self.conn, s.replay, corr);
+                self.relay.hub.subscribe(&s.device_id, &self.conn, s.replay, s.logs, corr);
                 self.relay.metrics.count_out(type_index("subscribed"), 1);
                 self.push("lease_state", self.relay.leases.state(&s.device_id, "current"));
             }
@@ -752,6 +757,7 @@ impl Session {
                 }
             }
             Body::ExecuteCommand(_)
+            | Body::DockerCommand(_)
             | Body::UpdateClientConfig(_)
             | Body::ReloadConfig(_)
             | Body::SpeedTest(_)
@@ -765,10 +771,40 @@ impl Session {
                 };
                 self.route_request(ty, corr, env.client_id, payload, timeout_ms).await;
             }
-            Body::CommandOutput(_) | Body::CommandResult(_) | Body::SpeedTestResult(_) | Body::WebRtc(_)
+            Body::CommandOutput(_)
+            | Body::CommandProgress(_)
+            | Body::CommandResult(_)
+            | Body::SpeedTestResult(_)
+            | Body::WebRtc(_)
                 if role == Role::Device =>
             {
                 self.route_reply(ty, corr, env.client_id, payload).await;
+            }
+            Body::ProcessState(_) if role == Role::Device => {
+                let text = message::encode_routed(ty, corr.as_deref(), None, &self.me().id, payload);
+                let n = self.relay.hub.publish_process_state(&self.me().id, Utf8Bytes::from(text));
+                self.relay.metrics.count_out(type_index(ty), n as u64);
+            }
+            Body::Log(_) if role == Role::Device => {
+                let text = message::encode_routed(ty, corr.as_deref(), None, &self.me().id, payload);
+                let fan = self.relay.hub.publish_log(&self.me().id, Utf8Bytes::from(text));
+                self.relay.metrics.count_out(type_index(ty), fan.delivered as u64);
+            }
+            Body::SafetyStop(stop) if role == Role::Device => {
+                let device = self.me().id.clone();
+                let text = message::encode_routed(ty, corr.as_deref(), None, &device, payload);
+                // Operators hear of it first; the audit record follows (a store write).
+                self.relay.hub.notify_subscribers(&device, Utf8Bytes::from(text));
+                self.relay.metrics.count_out(type_index(ty), 1);
+                tracing::warn!(%device, policy = %stop.policy, reason = %stop.reason, late = stop.late, "safety stop");
+                let detail = json!({
+                    "policy": stop.policy,
+                    "reason": stop.reason,
+                    "controller": stop.controller,
+                    "late": stop.late,
+                    "timestamp": stop.timestamp,
+                });
+                ops::audit(&self.relay, self.me(), "device.safety_stop", Some(&device), detail).await;
             }
             _ => {
                 let who = if role == Role::Device { "a device" } else { "an operator" };
@@ -955,7 +991,8 @@ impl Session {
     }
 
     /// Device -> operator reply: to the named `clientID`, else back to whoever sent the
-    /// request with this correlationID.
+    /// request with this correlationID. Only a final reply ([`FINAL_REPLIES`]) closes the
+    /// request; progress keeps it open, deadline included.
     async fn route_reply(&self, ty: &str, corr: Option<String>, target: Option<String>, payload: Option<&RawValue>) {
         let me = self.me();
         let route = corr.as_deref().and_then(|c| self.relay.hub.reply_route(&me.id, c));
@@ -975,14 +1012,14 @@ impl Session {
             self.error(ErrorCode::NotAllowed, "devices answer operators; they cannot message other devices", corr);
             return;
         }
-        if ty != "webrtc" {
-            if let Some(c) = &corr {
-                self.relay.hub.mark_answered(&me.id, c);
-                // A queued request is done once its result arrives.
-                let (d, c2) = (me.id.clone(), c.clone());
-                if let Err(e) = self.relay.store.call(move |s| q::ack_queued(s, &d, &c2)).await {
-                    tracing::warn!("could not clear an answered queued message: {e}");
-                }
+        if FINAL_REPLIES.contains(&ty)
+            && let Some(c) = &corr
+        {
+            self.relay.hub.mark_answered(&me.id, c);
+            // A queued request is done once its result arrives.
+            let (d, c2) = (me.id.clone(), c.clone());
+            if let Err(e) = self.relay.store.call(move |s| q::ack_queued(s, &d, &c2)).await {
+                tracing::warn!("could not clear an answered queued message: {e}");
             }
         }
         let text = Utf8Bytes::from(message::encode_routed(ty, corr.as_deref(), Some(&target_id), &me.id, payload));

@@ -7,7 +7,14 @@
 //!
 //! Ordering guarantee for telemetry: publishing a frame and subscribing to a device both take
 //! the device's channel lock, so a new subscriber gets every frame exactly once — from the replay
-//! buffer or live, never both, never neither.
+//! buffer or live, never both, never neither. The same lock orders a device's `process_state`
+//! snapshots against subscribing: a new subscriber gets the remembered snapshot right after
+//! `subscribed`, and every later one live.
+//!
+//! What a subscriber receives on which lane of its [`Outbox`]: `presence`, `lease_state`,
+//! `process_state` and `safety_stop` on the control lane (never dropped); telemetry frames and,
+//! for subscriptions made with `logs: true`, `log` lines on the telemetry lane (dropped oldest
+//! first when the subscriber reads too slowly, so logs can never hold up control messages).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -112,12 +119,28 @@ pub trait Hub: Send + Sync + std::fmt::Debug {
     fn send_to_conn(&self, conn: ConnId, text: Utf8Bytes) -> bool;
     /// Buffers a device's telemetry frame for replay and fans it out to its subscribers.
     fn publish_telemetry(&self, device: &str, live: Utf8Bytes) -> FanOut;
-    /// Subscribes `conn` to `device`'s telemetry: queues `subscribed` (answering
-    /// `correlation_id`) and then, if `replay`, the buffered frames marked as replay.
-    /// Returns how many frames were replayed.
-    fn subscribe(&self, device: &str, conn: &Arc<Conn>, replay: bool, correlation_id: Option<String>) -> usize;
-    /// Ends a subscription; false if there was none.
+    /// Subscribes `conn` to `device`: queues `subscribed` (answering `correlation_id`), then
+    /// the device's last `process_state` if one is remembered, then, if `replay`, the buffered
+    /// telemetry frames marked as replay. With `logs` the subscription also receives the
+    /// device's `log` lines. Subscribing again replaces the subscription (and its `logs`
+    /// choice). Returns how many frames were replayed.
+    fn subscribe(
+        &self,
+        device: &str,
+        conn: &Arc<Conn>,
+        replay: bool,
+        logs: bool,
+        correlation_id: Option<String>,
+    ) -> usize;
+    /// Ends a subscription, its log lines included; false if there was none.
     fn unsubscribe(&self, device: &str, conn: ConnId) -> bool;
+    /// Remembers `text` (a forwarded `process_state`) as `device`'s current process state, so
+    /// later subscribers get it on subscribing, and queues it as a control message for every
+    /// subscriber. Returns how many subscribers it was queued for.
+    fn publish_process_state(&self, device: &str, text: Utf8Bytes) -> usize;
+    /// Queues a forwarded `log` line on the telemetry lane of every subscriber of `device` that
+    /// subscribed with `logs`; nothing is buffered for later subscribers.
+    fn publish_log(&self, device: &str, text: Utf8Bytes) -> FanOut;
     /// Remembers that `requester` sent request `correlation_id` to `device`, so the device's
     /// reply (which may not name a target) finds its way back.
     fn remember_request(&self, device: &str, correlation_id: &str, request: PendingRequest);
@@ -127,7 +150,8 @@ pub trait Hub: Send + Sync + std::fmt::Debug {
     fn mark_answered(&self, device: &str, correlation_id: &str);
     /// Removes and returns requests whose deadline has passed.
     fn take_timed_out(&self, now: Instant) -> Vec<TimedOut>;
-    /// Queues a control message (presence, lease state) for every subscriber of `device`.
+    /// Queues a control message (presence, lease state, safety stop) for every subscriber of
+    /// `device`.
     fn notify_subscribers(&self, device: &str, text: Utf8Bytes);
     /// Live connections by role.
     fn counts(&self) -> ConnCounts;
@@ -150,7 +174,16 @@ struct Registry {
 struct Channel {
     /// The last frames, as sent live.
     buffer: VecDeque<Utf8Bytes>,
-    subscribers: HashMap<ConnId, Arc<Outbox>>,
+    /// The device's last `process_state`, as forwarded, for subscribers that come later.
+    process_state: Option<Utf8Bytes>,
+    subscribers: HashMap<ConnId, Subscriber>,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    outbox: Arc<Outbox>,
+    /// Whether it asked for the device's `log` lines.
+    logs: bool,
 }
 
 /// The in-process hub.
@@ -261,19 +294,24 @@ impl Hub for LocalHub {
             ch.buffer.push_back(live.clone());
         }
         let mut out = FanOut::default();
-        for outbox in ch.subscribers.values() {
-            match outbox.push_telemetry(live.clone()) {
-                Ok(dropped) => {
-                    out.delivered += 1;
-                    out.dropped += dropped as usize;
-                }
-                Err(_) => {} // closing; its connection task detaches it
+        for sub in ch.subscribers.values() {
+            // A closing subscriber refuses; its connection task detaches it.
+            if let Ok(dropped) = sub.outbox.push_telemetry(live.clone()) {
+                out.delivered += 1;
+                out.dropped += dropped as usize;
             }
         }
         out
     }
 
-    fn subscribe(&self, device: &str, conn: &Arc<Conn>, replay: bool, correlation_id: Option<String>) -> usize {
+    fn subscribe(
+        &self,
+        device: &str,
+        conn: &Arc<Conn>,
+        replay: bool,
+        logs: bool,
+        correlation_id: Option<String>,
+    ) -> usize {
         self.registry.write().subs_by_conn.entry(conn.id).or_default().insert(device.to_owned());
         let online = self.is_online(device);
         let channel = self.channel(device);
@@ -282,12 +320,15 @@ impl Hub for LocalHub {
         let mut answer = Envelope::new(Subscribed { device_id: device.to_owned(), online, replayed });
         answer.correlation_id = correlation_id;
         let _ = conn.outbox.push_control(answer.to_json());
+        if let Some(state) = &ch.process_state {
+            let _ = conn.outbox.push_control(state.clone());
+        }
         if replay {
             for frame in &ch.buffer {
                 let _ = conn.outbox.push_telemetry(Utf8Bytes::from(mark_replay(frame.as_str())));
             }
         }
-        ch.subscribers.insert(conn.id, conn.outbox.clone());
+        ch.subscribers.insert(conn.id, Subscriber { outbox: conn.outbox.clone(), logs });
         replayed
     }
 
@@ -295,6 +336,26 @@ impl Hub for LocalHub {
         let had = self.registry.write().subs_by_conn.get_mut(&conn).is_some_and(|s| s.remove(device));
         self.channel(device).lock().subscribers.remove(&conn);
         had
+    }
+
+    fn publish_process_state(&self, device: &str, text: Utf8Bytes) -> usize {
+        let channel = self.channel(device);
+        let mut ch = channel.lock();
+        ch.process_state = Some(text.clone());
+        ch.subscribers.values().filter(|s| s.outbox.push_control(text.clone()).is_ok()).count()
+    }
+
+    fn publish_log(&self, device: &str, text: Utf8Bytes) -> FanOut {
+        let channel = self.channel(device);
+        let ch = channel.lock();
+        let mut out = FanOut::default();
+        for sub in ch.subscribers.values().filter(|s| s.logs) {
+            if let Ok(dropped) = sub.outbox.push_telemetry(text.clone()) {
+                out.delivered += 1;
+                out.dropped += dropped as usize;
+            }
+        }
+        out
     }
 
     fn remember_request(&self, device: &str, correlation_id: &str, request: PendingRequest) {
@@ -327,8 +388,8 @@ impl Hub for LocalHub {
     fn notify_subscribers(&self, device: &str, text: Utf8Bytes) {
         let channel = self.channel(device);
         let ch = channel.lock();
-        for outbox in ch.subscribers.values() {
-            let _ = outbox.push_control(text.clone());
+        for sub in ch.subscribers.values() {
+            let _ = sub.outbox.push_control(text.clone());
         }
     }
 
@@ -400,7 +461,7 @@ mod tests {
         }
         let p = conn(2, "p", "o", Role::Pilot);
         hub.attach(p.clone());
-        assert_eq!(hub.subscribe("d", &p, true, Some("c".into())), 2);
+        assert_eq!(hub.subscribe("d", &p, true, false, Some("c".into())), 2);
         hub.publish_telemetry(
             "d",
             Utf8Bytes::from(r#"{"type":"telemetry","payload":{"n":3,"relay":{"a":1}}}"#.to_owned()),
@@ -433,10 +494,48 @@ mod tests {
         let hub = LocalHub::new(4);
         let p = conn(2, "p", "o", Role::Pilot);
         hub.attach(p.clone());
-        hub.subscribe("d", &p, false, None);
+        hub.subscribe("d", &p, false, false, None);
         assert_eq!(hub.publish_telemetry("d", Utf8Bytes::from_static("{}")).delivered, 1);
         hub.detach(&p);
         assert_eq!(hub.publish_telemetry("d", Utf8Bytes::from_static("{}")).delivered, 0);
         assert!(!hub.is_online("p"));
+    }
+
+    #[tokio::test]
+    async fn process_state_is_remembered_for_later_subscribers() {
+        let hub = LocalHub::new(4);
+        let early = conn(2, "p", "o", Role::Pilot);
+        hub.subscribe("d", &early, false, false, None);
+        assert!(text(&early.outbox.next().await).contains("\"subscribed\""));
+        assert_eq!(hub.publish_process_state("d", Utf8Bytes::from_static("state-1")), 1);
+        assert_eq!(text(&early.outbox.next().await), "state-1");
+        hub.publish_process_state("d", Utf8Bytes::from_static("state-2"));
+        let late = conn(3, "q", "o", Role::Pilot);
+        hub.subscribe("d", &late, false, false, None);
+        assert!(text(&late.outbox.next().await).contains("\"subscribed\""));
+        assert_eq!(text(&late.outbox.next().await), "state-2", "only the newest snapshot");
+        assert!(late.outbox.is_empty());
+    }
+
+    #[tokio::test]
+    async fn logs_reach_only_subscribers_that_asked_and_a_resubscribe_updates_it() {
+        let hub = LocalHub::new(0);
+        let with = conn(2, "p", "o", Role::Pilot);
+        let without = conn(3, "q", "o", Role::Pilot);
+        hub.subscribe("d", &with, false, true, None);
+        hub.subscribe("d", &without, false, false, None);
+        with.outbox.next().await;
+        without.outbox.next().await;
+        assert_eq!(hub.publish_log("d", Utf8Bytes::from_static("line")).delivered, 1);
+        assert_eq!(text(&with.outbox.next().await), "line");
+        assert!(without.outbox.is_empty());
+        hub.subscribe("d", &with, false, false, None);
+        with.outbox.next().await;
+        assert_eq!(hub.publish_log("d", Utf8Bytes::from_static("line")).delivered, 0);
+        hub.subscribe("d", &without, false, true, None);
+        without.outbox.next().await;
+        assert_eq!(hub.publish_log("d", Utf8Bytes::from_static("line")).delivered, 1);
+        assert!(hub.unsubscribe("d", without.id));
+        assert_eq!(hub.publish_log("d", Utf8Bytes::from_static("line")).delivered, 0);
     }
 }
