@@ -3,8 +3,9 @@
 //! keys, registrations, permissions, the deny list, limits and the audit log.
 //!
 //! Every handler authenticates with `Authorization: Bearer <api key>` or the `tether_session`
-//! cookie. Failures are JSON `{"error":{"code","message"}}` with 400, 401, 403, 404, 409, 429 or
-//! 503. Admin endpoints answer 403 to pilots.
+//! cookie, except the device speed test (`/api/device/speedtest`), which authenticates a device
+//! with its secret. Failures are JSON `{"error":{"code","message"}}` with 400, 401, 403, 404,
+//! 409, 413, 429 or 503. Admin endpoints answer 403 to pilots.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,6 +23,13 @@ use crate::access::Level;
 use crate::auth::{self, Identity, Role};
 use crate::ops::{self, OpError, audit, require_admin};
 use crate::store::{OperatorRole, now_ms, q};
+
+/// Largest body the speed test endpoints send or accept: 64 MiB.
+pub const SPEEDTEST_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// What `GET /api/device/speedtest` sends when `bytes` is not given: 1 MiB.
+pub const SPEEDTEST_DEFAULT_BYTES: u64 = 1024 * 1024;
+/// The download body is this buffer repeated, so a 64 MiB answer costs no 64 MiB allocation.
+static SPEEDTEST_CHUNK: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// Name of the session cookie.
 pub const SESSION_COOKIE: &str = "tether_session";
@@ -95,6 +103,40 @@ pub async fn operator_identity(
     Ok(who)
 }
 
+/// Authenticates a device over HTTP: `Authorization: Bearer <clientSecret>` plus
+/// `X-Client-ID: <device id>`. A wrong secret counts toward the caller's address block like a
+/// failed WebSocket authentication; a blocked address is refused before any bcrypt work.
+pub async fn device_identity(
+    relay: &Relay,
+    authorization: Option<String>,
+    client_id: Option<String>,
+    ip: Option<String>,
+) -> Result<Identity, OpError> {
+    let ip = ip.unwrap_or_else(|| "unknown".into());
+    if let Some(wait) = relay.limits.ip_blocked_for(&ip) {
+        return Err(OpError::rate_limited(format!(
+            "too many failed authentications from this address; try again in {:.0} s",
+            wait.as_secs_f64().ceil()
+        )));
+    }
+    let (Some(secret), Some(id)) = (bearer(authorization), client_id.filter(|c| !c.is_empty())) else {
+        return Err(OpError::unauthorized("send Authorization: Bearer <clientSecret> and X-Client-ID: <device id>"));
+    };
+    let who = match auth::verify_device(&relay.store, &relay.hasher, &id, &secret).await {
+        Ok(who) => who,
+        Err(auth::AuthError::Invalid) => {
+            relay.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            relay.limits.auth_failed(&ip);
+            return Err(OpError::unauthorized("invalid clientID or clientSecret"));
+        }
+        Err(auth::AuthError::Store(e)) => return Err(e.into()),
+    };
+    if relay.access.identity_denied(&who, now_ms()) {
+        return Err(OpError::unauthorized("this device is on the deny list"));
+    }
+    Ok(who)
+}
+
 fn with_relay(relay: Arc<Relay>) -> impl Filter<Extract = (Arc<Relay>,), Error = std::convert::Infallible> + Clone {
     warp::any().map(move || relay.clone())
 }
@@ -114,6 +156,82 @@ fn operator(relay: Arc<Relay>) -> impl Filter<Extract = (Arc<Relay>, Identity), 
             },
         )
         .untuple_one()
+}
+
+/// Extracts the authenticated device (see [`device_identity`]).
+fn device(relay: Arc<Relay>) -> impl Filter<Extract = (Arc<Relay>, Identity), Error = Rejection> + Clone {
+    with_relay(relay)
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<String>("x-client-id"))
+        .and(crate::routes::peer())
+        .and_then(
+            |relay: Arc<Relay>, h: Option<String>, id: Option<String>, peer: Option<std::net::SocketAddr>| async move {
+                match device_identity(&relay, h, id, peer.map(|p| p.ip().to_string())).await {
+                    Ok(who) => Ok((relay, who)),
+                    Err(e) => Err(reject(e)),
+                }
+            },
+        )
+        .untuple_one()
+}
+
+fn speedtest_too_large() -> OpError {
+    OpError {
+        status: 413,
+        code: "bad_request",
+        message: format!("a speed test moves at most {SPEEDTEST_MAX_BYTES} bytes (64 MiB)"),
+    }
+}
+
+/// `GET /api/device/speedtest?bytes=N`: N bytes of a repeated static buffer, streamed.
+async fn speedtest_download(query: HashMap<String, String>, _relay: Arc<Relay>, _who: Identity) -> Res {
+    let n = match query.get("bytes") {
+        None => SPEEDTEST_DEFAULT_BYTES,
+        Some(b) => b.parse::<u64>().map_err(|_| reject(OpError::bad_request("bytes must be a whole number")))?,
+    };
+    if n > SPEEDTEST_MAX_BYTES {
+        return Err(reject(OpError::bad_request(format!(
+            "bytes may be at most {SPEEDTEST_MAX_BYTES} (64 MiB); asked for {n}"
+        ))));
+    }
+    let mut left = n;
+    let chunks = futures_util::stream::iter(std::iter::from_fn(move || {
+        let k = left.min(SPEEDTEST_CHUNK.len() as u64);
+        left -= k;
+        (k > 0).then(|| Ok::<_, std::convert::Infallible>(bytes::Bytes::from_static(&SPEEDTEST_CHUNK[..k as usize])))
+    }));
+    let mut resp = warp::reply::stream(chunks).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(warp::http::header::CONTENT_TYPE, warp::http::HeaderValue::from_static("application/octet-stream"));
+    headers.insert(warp::http::header::CONTENT_LENGTH, warp::http::HeaderValue::from(n));
+    headers.insert(warp::http::header::CACHE_CONTROL, warp::http::HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// `POST /api/device/speedtest`: reads and discards the body, counting it; answers how many
+/// bytes arrived and how long reading them took on the relay.
+async fn speedtest_upload<S, B>(_relay: Arc<Relay>, _who: Identity, length: Option<u64>, body: S) -> Res
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send,
+    B: bytes::Buf,
+{
+    use futures_util::StreamExt;
+    // A declared length over the cap is refused before a byte is read.
+    if length.is_some_and(|l| l > SPEEDTEST_MAX_BYTES) {
+        return Err(reject(speedtest_too_large()));
+    }
+    let started = Instant::now();
+    let mut received: u64 = 0;
+    let mut body = std::pin::pin!(body);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| reject(OpError::bad_request(format!("the body could not be read: {e}"))))?;
+        received += chunk.remaining() as u64;
+        if received > SPEEDTEST_MAX_BYTES {
+            return Err(reject(speedtest_too_large()));
+        }
+    }
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    ok(json!({"bytes": received, "ms": ms}))
 }
 
 /// A JSON body of at most 64 KiB; malformed JSON is a 400 with the parser's explanation.
@@ -918,6 +1036,19 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
             ok(json!({ "entries": rows }))
         });
 
+    // --- devices: link speed test ----------------------------------------------------
+    let speedtest_get = warp::path!("api" / "device" / "speedtest")
+        .and(warp::get())
+        .and(warp::query::<HashMap<String, String>>())
+        .and(device(relay.clone()))
+        .and_then(speedtest_download);
+    let speedtest_post = warp::path!("api" / "device" / "speedtest")
+        .and(warp::post())
+        .and(device(relay.clone()))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(speedtest_upload);
+
     // Each route is boxed before they are combined: one long `.or()` chain of unboxed
     // filters makes a type so deep that compiling it takes minutes.
     let all: Vec<BoxedFilter<(warp::reply::Response,)>> = vec![
@@ -955,6 +1086,8 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
         set_limits.boxed(),
         queue_limits.boxed(),
         audit_log.boxed(),
+        speedtest_get.boxed(),
+        speedtest_post.boxed(),
     ];
     all.into_iter().reduce(|a, b| a.or(b).unify().boxed()).expect("at least one route")
 }
