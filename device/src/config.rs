@@ -477,9 +477,19 @@ pub struct Config {
     /// Camera streaming.
     #[serde(default)]
     pub video: VideoConfig,
-    /// Everything else in the file (paths, commandRestartMaxDelay, ...), kept verbatim.
+    /// Longest wait between restarts of a crashing supervised process (default 5m).
+    #[serde(default = "default_restart_max_delay")]
+    pub command_restart_max_delay: Dur,
+    /// Processes the agent starts and supervises, by name.
+    #[serde(default)]
+    pub paths: BTreeMap<String, crate::supervise::ProcessSpec>,
+    /// Every key the agent does not know, kept verbatim.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_norway::Value>,
+}
+
+fn default_restart_max_delay() -> Dur {
+    Dur::lit("5m")
 }
 
 fn default_reconnect_interval() -> f64 {
@@ -567,7 +577,8 @@ impl Config {
         self.validate(path)
     }
 
-    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+    /// Checks every value; the error names the field as a path into the file.
+    pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
         let bad = |field: &str, message: String| {
             Err(ConfigError::Invalid { path: path.into(), field: field.into(), message })
         };
@@ -648,6 +659,14 @@ impl Config {
         if self.safety.link_loss_timeout.value.is_zero() {
             return bad("safety.linkLossTimeout", "must be above zero".into());
         }
+        if self.command_restart_max_delay.value < Duration::from_secs(1) {
+            return bad("commandRestartMaxDelay", "must be at least 1s".into());
+        }
+        for (name, spec) in &self.paths {
+            if let Err(e) = spec.validate() {
+                return bad(&format!("paths.{name}"), e);
+            }
+        }
         let v = &self.video;
         if v.enabled && v.source.trim().is_empty() {
             return bad("video.source", "is empty".into());
@@ -686,8 +705,8 @@ paths:
         let c = Config::parse(text, "config.yaml").unwrap();
         assert_eq!(c.client_id, "dev-1");
         assert_eq!(c.telemetry, TelemetryConfig::default());
-        assert!(c.extra.contains_key("paths"));
-        assert!(c.extra.contains_key("commandRestartMaxDelay"));
+        assert!(c.paths["service-A"].run_on_init_restart);
+        assert_eq!(c.command_restart_max_delay.value, Duration::from_secs(300));
         let back = serde_norway::to_string(&c).unwrap();
         assert!(back.contains("runOnInitRestart"));
     }
@@ -704,8 +723,12 @@ paths:
         c.save(&path).unwrap();
         let back = Config::load(&path).unwrap();
         assert_eq!(back.client_id, "boat-1");
-        assert_eq!(back.extra["commandRestartMaxDelay"], serde_norway::Value::String("5m".into()));
-        assert!(back.extra.contains_key("paths"));
+        assert_eq!(back.command_restart_max_delay.value, Duration::from_secs(300));
+        assert!(back.paths.contains_key("svc"));
+        assert!(
+            std::fs::read_to_string(&path).unwrap().contains("commandRestartMaxDelay: 5m"),
+            "written as it was read"
+        );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
     }
 

@@ -79,7 +79,7 @@ fn write_config(dir: &std::path::Path, addr: std::net::SocketAddr, secret: &str)
     let path = dir.join("config.yaml");
     std::fs::write(
         &path,
-        format!("serverAddress: \"ws://{addr}/ws\"\nclientID: boat-7\nclientSecret: \"{secret}\"\nname: Boat 7\nlogLevel: debug\ntelemetry:\n  rateHz: 10\n"),
+        format!("serverAddress: \"ws://{addr}/ws\"\nclientID: boat-7\nclientSecret: \"{secret}\"\nname: Boat 7\nlogLevel: debug\ntelemetry:\n  rateHz: 10\n  simulator: true\n  systemMetrics: false\n  udp: \"\"\n  unixSocket: \"\"\n"),
     )
     .unwrap();
     path
@@ -215,7 +215,7 @@ async fn agent_onboards_with_a_handshake_key_and_stores_its_credentials() {
     std::fs::write(
         &path,
         format!(
-            "serverAddress: \"ws://{addr}/ws\"\nhandshakeKey: \"{}\"\nclientID: \"\"\nclientSecret: \"\"\nname: \"Client-1\"\ncommandRestartMaxDelay: \"5m\"\npaths:\n  service-A:\n    runOnInit: \"/usr/bin/true\"\n    runOnInitRestart: \"yes\"\ntelemetry:\n  rateHz: 10\n",
+            "serverAddress: \"ws://{addr}/ws\"\nhandshakeKey: \"{}\"\nclientID: \"\"\nclientSecret: \"\"\nname: \"Client-1\"\nteamNotes: \"keep me\"\ncommandRestartMaxDelay: \"5m\"\npaths:\n  service-A:\n    runOnInit: \"/usr/bin/true\"\n    runOnInitRestart: \"yes\"\ntelemetry:\n  rateHz: 10\n  simulator: true\n  systemMetrics: false\n  udp: \"\"\n  unixSocket: \"\"\n",
             hk["key"].as_str().unwrap()
         ),
     )
@@ -248,8 +248,8 @@ async fn agent_onboards_with_a_handshake_key_and_stores_its_credentials() {
     assert_eq!(saved.client_secret.len(), 64);
     assert!(saved.registration_request_id.is_none());
     assert!(
-        saved.extra.contains_key("paths") && saved.extra.contains_key("commandRestartMaxDelay"),
-        "unknown keys kept"
+        saved.paths.contains_key("service-A") && saved.extra.contains_key("teamNotes"),
+        "paths and unknown keys kept"
     );
     assert!(agent.try_wait().unwrap().is_none());
     agent.kill().await.unwrap();
