@@ -534,7 +534,7 @@ impl Config {
             .map_err(|e| ConfigError::Parse { path: p.clone(), message: e.to_string() })?;
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "config.yaml".into());
-        let tmp = dir.join(format!(".{name}.tmp"));
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
@@ -550,6 +550,21 @@ impl Config {
         }
         std::fs::rename(&tmp, path).map_err(io)?;
         Ok(())
+    }
+
+    /// Where the last configuration that validated is kept (`.config.yaml.last-good` beside
+    /// the file): the agent falls back to it at startup if config.yaml was broken by hand, so a
+    /// bad edit never leaves a boat unreachable.
+    pub fn last_good_path(path: &Path) -> std::path::PathBuf {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "config.yaml".into());
+        path.with_file_name(format!(".{name}.last-good"))
+    }
+
+    /// Records this (validated) config as the last good one for `path`.
+    pub fn save_last_good(&self, path: &Path) {
+        if let Err(e) = self.save(&Config::last_good_path(path)) {
+            tracing::warn!("cannot keep a copy of the last good config: {e}");
+        }
     }
 
     /// Applies the seed's environment settings over the file's values. `get` is the source

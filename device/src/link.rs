@@ -739,7 +739,7 @@ impl Agent {
 
     /// Handles a message from the relay.
     async fn on_text(&mut self, text: &str, recv_ms: f64) {
-        let env = match message::decode(text) {
+        let env = match message::decode_from_relay(text) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!("unreadable message from the relay: {e}");
@@ -1003,6 +1003,7 @@ impl Agent {
             if let Err(e) = new.save(p) {
                 return failure(ErrorCode::Internal, format!("cannot save the config: {e}"));
             }
+            new.save_last_good(p);
         }
         self.apply(new).await
     }
@@ -1018,7 +1019,10 @@ impl Agent {
             Ok(c)
         });
         match loaded {
-            Ok(c) => self.apply(c).await,
+            Ok(c) => {
+                c.save_last_good(&path);
+                self.apply(c).await
+            }
             Err(e) => {
                 tracing::error!("reload refused, keeping the running config: {e}");
                 failure(ErrorCode::InvalidConfig, format!("{e}; the running config is unchanged"))
@@ -1140,7 +1144,11 @@ impl Agent {
 
     fn save(&self) -> Result<(), AgentError> {
         match &self.config_path {
-            Some(p) => self.config.save(p).map_err(|e| AgentError::Config(format!("cannot save the config: {e}"))),
+            Some(p) => {
+                self.config.save(p).map_err(|e| AgentError::Config(format!("cannot save the config: {e}")))?;
+                self.config.save_last_good(p);
+                Ok(())
+            }
             None => Ok(()),
         }
     }

@@ -30,18 +30,44 @@ enum Command {
 /// (`maxReconnectAttempts`).
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config).and_then(|mut c| {
-        c.apply_env(|k| std::env::var(k).ok(), &cli.config.display().to_string())?;
-        Ok(c)
-    }) {
+    let load = |path: &std::path::Path| {
+        Config::load(path).and_then(|mut c| {
+            c.apply_env(|k| std::env::var(k).ok(), &path.display().to_string())?;
+            Ok(c)
+        })
+    };
+    let checking = matches!(cli.command, Some(Command::Check));
+    let mut fallback = None;
+    let config = match load(&cli.config) {
         Ok(c) => c,
-        Err(e) => {
+        Err(e) if checking => {
             eprintln!("tether-device: invalid configuration: {e}");
             return ExitCode::from(2);
         }
+        // A config broken by hand must not leave the robot unreachable: run with the last one
+        // that worked, and say so loudly.
+        Err(e) => match load(&Config::last_good_path(&cli.config)) {
+            Ok(c) => {
+                eprintln!("tether-device: invalid configuration: {e}");
+                fallback = Some(e.to_string());
+                c
+            }
+            Err(_) => {
+                eprintln!("tether-device: invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
+        },
     };
-    if matches!(cli.command, Some(Command::Check)) {
-        println!("{}: OK", cli.config.display());
+    if checking {
+        println!(
+            "{}: OK (relay {}, {} supervised process(es), commands allowed: {}, local inputs: udp {:?}, socket {:?})",
+            cli.config.display(),
+            config.server_address,
+            config.paths.len(),
+            if config.commands.allow.is_empty() { "none".to_owned() } else { config.commands.allow.join(", ") },
+            config.telemetry.udp,
+            config.telemetry.unix_socket,
+        );
         return ExitCode::SUCCESS;
     }
     let filter = tracing_subscriber::EnvFilter::try_new(config.log_level.to_ascii_lowercase())
@@ -58,6 +84,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    match &fallback {
+        Some(e) => tracing::error!(
+            "{e}; running with the last good configuration ({}) until config.yaml is fixed",
+            Config::last_good_path(&cli.config).display()
+        ),
+        None if !config.client_id.is_empty() => config.save_last_good(&cli.config),
+        None => {}
+    }
     rt.block_on(async move {
         let (trigger, cancel) = device::link::tokio_util_shim::cancel_pair();
         tokio::spawn(async move {

@@ -1024,11 +1024,12 @@ impl Session {
         }
         let text = Utf8Bytes::from(message::encode_routed(ty, corr.as_deref(), Some(&target_id), &me.id, payload));
         // Prefer the exact connection that asked; fall back to the identity's other connections.
-        if let (None, Some(PendingRequest { conn: Some(conn), .. })) = (&target, &route) {
-            if self.relay.hub.send_to_conn(*conn, text.clone()) {
-                self.relay.metrics.count_out(type_index(ty), 1);
-                return;
-            }
+        if let Some(PendingRequest { conn: Some(conn), requester, .. }) = &route
+            && target.as_deref().is_none_or(|t| t == requester)
+            && self.relay.hub.send_to_conn(*conn, text.clone())
+        {
+            self.relay.metrics.count_out(type_index(ty), 1);
+            return;
         }
         match self.relay.hub.send_to(&me.org, &target_id, text) {
             Delivery::Delivered(n) => self.relay.metrics.count_out(type_index(ty), n as u64),

@@ -789,6 +789,9 @@ pub struct RawEnvelope<'a> {
     /// `clientID`.
     #[serde(rename = "clientID", default)]
     pub client_id: Option<String>,
+    /// `from` (only meaningful on messages from the relay).
+    #[serde(default)]
+    pub from: Option<String>,
     /// `payload`, unparsed.
     #[serde(borrow, default)]
     pub payload: Option<&'a RawValue>,
@@ -814,6 +817,16 @@ pub fn decode_raw(text: &str) -> Result<RawEnvelope<'_>, DecodeError> {
 pub fn decode(text: &str) -> Result<Envelope, DecodeError> {
     let raw = decode_raw(text)?;
     finish(raw)
+}
+
+/// Decodes a message received from the relay, keeping the `from` the relay stamped (clients
+/// use this; the relay itself uses [`decode`]).
+pub fn decode_from_relay(text: &str) -> Result<Envelope, DecodeError> {
+    let mut raw = decode_raw(text)?;
+    let from = raw.from.take();
+    let mut env = finish(raw)?;
+    env.from = from;
+    Ok(env)
 }
 
 fn finish(raw: RawEnvelope<'_>) -> Result<Envelope, DecodeError> {
