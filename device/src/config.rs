@@ -93,40 +93,7 @@ impl From<Dur> for serde_norway::Value {
     }
 }
 
-/// Parses `250ms`, `30s`, `5m`, `2h`, `1d`, compounds like `1h30m`, or a plain number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let s = text.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    if let Ok(secs) = s.parse::<f64>() {
-        return if secs.is_finite() && secs >= 0.0 {
-            Ok(Duration::from_secs_f64(secs))
-        } else {
-            Err(format!("{text:?} is not a valid number of seconds"))
-        };
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        let unit_len = rest[num_len..].find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len() - num_len);
-        let (num, unit) = (&rest[..num_len], &rest[num_len..num_len + unit_len]);
-        let n: f64 =
-            num.parse().map_err(|_| format!("{text:?} is not a duration (try \"30s\", \"5m\" or \"1h30m\")"))?;
-        let scale = match unit.trim() {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            "d" => 86_400.0,
-            u => return Err(format!("{text:?}: unknown unit {u:?} (use ms, s, m, h or d)")),
-        };
-        total += n * scale;
-        rest = &rest[num_len + unit_len..];
-    }
-    Ok(Duration::from_secs_f64(total))
-}
+pub use crate::supervise::parse_duration;
 
 /// What to do with telemetry frames while the link is down and the buffer is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -613,10 +580,10 @@ impl Config {
                 "without clientID/clientSecret the agent needs a handshakeKey to register".into(),
             );
         }
-        if let Some(ca) = &self.ca_file {
-            if !ca.is_file() {
-                return bad("caFile", format!("{} is not a readable file", ca.display()));
-            }
+        if let Some(ca) = &self.ca_file
+            && !ca.is_file()
+        {
+            return bad("caFile", format!("{} is not a readable file", ca.display()));
         }
         if !(self.reconnect_interval > 0.0 && self.reconnect_interval <= 3600.0) {
             return bad(

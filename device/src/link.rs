@@ -165,7 +165,7 @@ struct Waiting {
 /// Everything the loop waits for, in one place.
 enum Event {
     Cancelled,
-    Connected(Result<(Socket, AuthOk), SessionEnd>),
+    Connected(Box<Result<(Socket, AuthOk), SessionEnd>>),
     Retry,
     Ws(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
     WriterStopped(Result<WriterEnd, tokio::task::JoinError>),
@@ -384,7 +384,7 @@ impl Agent {
             let retry = retry_at.filter(|_| connecting.is_none());
             let event = tokio::select! {
                 _ = cancel.cancelled() => Event::Cancelled,
-                r = opt(connecting.as_mut()) => Event::Connected(r),
+                r = opt(connecting.as_mut()) => Event::Connected(Box::new(r)),
                 _ = sleep_opt(retry) => Event::Retry,
                 m = next_opt(ws_rx) => Event::Ws(m),
                 r = opt(writer) => Event::WriterStopped(r),
@@ -412,7 +412,7 @@ impl Agent {
                 }
                 Event::Connected(result) => {
                     connecting = None;
-                    match result {
+                    match *result {
                         Ok((ws, ok)) => {
                             tracing::info!(client_id = %ok.client_id, org = %ok.org, "authenticated with the relay");
                             failures = 0;
@@ -678,7 +678,7 @@ impl Agent {
     fn send_text(&mut self, text: String) {
         if let (Some(l), true) = (&self.link, self.pending.is_empty()) {
             match l.tx.try_send(Out::Text(text)) {
-                Ok(()) => return,
+                Ok(()) => {}
                 Err(
                     mpsc::error::TrySendError::Full(Out::Text(t)) | mpsc::error::TrySendError::Closed(Out::Text(t)),
                 ) => self.queue(t),
@@ -699,12 +699,11 @@ impl Agent {
 
     /// Time-critical answers (clock sync, pong) skip the queue: their timestamps are taken now.
     fn send_urgent(&mut self, text: String) {
+        // With a full or absent link the answer is dropped: a late clock-sync answer would only
+        // mislead the relay.
         if let Some(l) = &self.link {
-            if l.tx.try_send(Out::Text(text)).is_ok() {
-                return;
-            }
+            let _ = l.tx.try_send(Out::Text(text));
         }
-        // A full or absent link: a late clock-sync answer would only mislead the relay.
     }
 
     /// A supervised process's output line, within a rate budget; kept (bounded) while offline.
@@ -726,10 +725,10 @@ impl Agent {
         }
         self.log_budget.1 += 1;
         let text = Envelope::new(line).to_json();
-        if let (Some(l), true) = (&self.link, self.pending_logs.is_empty() && self.pending.is_empty()) {
-            if l.tx.try_send(Out::Text(text.clone())).is_ok() {
-                return;
-            }
+        if let (Some(l), true) = (&self.link, self.pending_logs.is_empty() && self.pending.is_empty())
+            && l.tx.try_send(Out::Text(text.clone())).is_ok()
+        {
+            return;
         }
         if self.pending_logs.len() >= PENDING_LOGS_MAX {
             self.pending_logs.pop_front();
@@ -1171,7 +1170,7 @@ impl Agent {
                     .map_err(|_| "no answer".to_owned())?
                 {
                     if let Ok(Message::Text(t)) = m {
-                        return Ok(message::decode(&t).map_err(|e| e.to_string())?);
+                        return message::decode(&t).map_err(|e| e.to_string());
                     }
                 }
                 Err("the relay closed the connection without answering".to_owned())

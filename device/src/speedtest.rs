@@ -44,80 +44,73 @@ pub async fn run(
     if bytes > MAX_BYTES {
         return Err(format!("bytes: at most {MAX_BYTES} per direction, asked for {bytes}"));
     }
-    tokio::time::timeout(TEST_TIMEOUT, measure(server_address, client_id, secret, tls, bytes))
-        .await
-        .map_err(|_| format!("the speed test did not finish in {} s", TEST_TIMEOUT.as_secs()))?
-}
-
-async fn measure(
-    server_address: &str,
-    client_id: &str,
-    secret: &str,
-    tls: &Arc<rustls::ClientConfig>,
-    bytes: u64,
-) -> Result<SpeedTestResult, String> {
-    let url = endpoint(server_address)?;
-    let io = crate::net::open(&url, tls).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(io))
-        .await
-        .map_err(|e| format!("speed test connection: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let host = match url.port() {
-        Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
-        None => url.host_str().unwrap_or_default().to_owned(),
-    };
-    let path = url.path().to_owned();
-    let mut call = async |method: hyper::Method, query: String, body: Bytes| -> Result<(u64, Duration), String> {
-        sender.ready().await.map_err(|e| e.to_string())?;
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(format!("{path}{query}"))
-            .header("host", &host)
-            .header("x-client-id", client_id)
-            .header("authorization", format!("Bearer {secret}"))
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
-        let start = Instant::now();
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let mut body = resp.into_body();
-        let mut received = 0u64;
-        let mut text = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| e.to_string())?;
-            if let Some(d) = frame.data_ref() {
-                received += d.len() as u64;
-                if !status.is_success() && text.len() < 4096 {
-                    text.extend_from_slice(d);
+    let work = async {
+        let url = endpoint(server_address)?;
+        let io = crate::net::open(&url, tls).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(io))
+            .await
+            .map_err(|e| format!("speed test connection: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let host = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_owned(),
+        };
+        let path = url.path().to_owned();
+        let mut call = async |method: hyper::Method, query: String, body: Bytes| -> Result<(u64, Duration), String> {
+            sender.ready().await.map_err(|e| e.to_string())?;
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(format!("{path}{query}"))
+                .header("host", &host)
+                .header("x-client-id", client_id)
+                .header("authorization", format!("Bearer {secret}"))
+                .body(Full::new(body))
+                .map_err(|e| e.to_string())?;
+            let start = Instant::now();
+            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let mut body = resp.into_body();
+            let mut received = 0u64;
+            let mut text = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| e.to_string())?;
+                if let Some(d) = frame.data_ref() {
+                    received += d.len() as u64;
+                    if !status.is_success() && text.len() < 4096 {
+                        text.extend_from_slice(d);
+                    }
                 }
             }
+            if !status.is_success() {
+                return Err(format!("the relay answered {status}: {}", String::from_utf8_lossy(&text)));
+            }
+            Ok((received, start.elapsed()))
+        };
+        let mut rtts = Vec::with_capacity(PINGS);
+        for _ in 0..PINGS {
+            let (_, t) = call(hyper::Method::GET, "?bytes=0".into(), Bytes::new()).await?;
+            rtts.push(t.as_secs_f64() * 1000.0);
         }
-        if !status.is_success() {
-            return Err(format!("the relay answered {status}: {}", String::from_utf8_lossy(&text)));
+        rtts.sort_by(f64::total_cmp);
+        let rtt_ms = rtts[PINGS / 2];
+        let (got, t) = call(hyper::Method::GET, format!("?bytes={bytes}"), Bytes::new()).await?;
+        if got != bytes {
+            return Err(format!("download: expected {bytes} bytes, received {got}"));
         }
-        Ok((received, start.elapsed()))
+        let download_mbps = mbps(bytes, t, rtt_ms);
+        let (_, t) = call(hyper::Method::POST, String::new(), Bytes::from(vec![0u8; bytes as usize])).await?;
+        let upload_mbps = mbps(bytes, t, rtt_ms);
+        Ok(SpeedTestResult {
+            upload_mbps: Some(upload_mbps),
+            download_mbps: Some(download_mbps),
+            rtt_ms: Some((rtt_ms * 100.0).round() / 100.0),
+        })
     };
-    let mut rtts = Vec::with_capacity(PINGS);
-    for _ in 0..PINGS {
-        let (_, t) = call(hyper::Method::GET, "?bytes=0".into(), Bytes::new()).await?;
-        rtts.push(t.as_secs_f64() * 1000.0);
-    }
-    rtts.sort_by(f64::total_cmp);
-    let rtt_ms = rtts[PINGS / 2];
-    let (got, t) = call(hyper::Method::GET, format!("?bytes={bytes}"), Bytes::new()).await?;
-    if got != bytes {
-        return Err(format!("download: expected {bytes} bytes, received {got}"));
-    }
-    let download_mbps = mbps(bytes, t, rtt_ms);
-    let (_, t) = call(hyper::Method::POST, String::new(), Bytes::from(vec![0u8; bytes as usize])).await?;
-    let upload_mbps = mbps(bytes, t, rtt_ms);
-    Ok(SpeedTestResult {
-        upload_mbps: Some(upload_mbps),
-        download_mbps: Some(download_mbps),
-        rtt_ms: Some((rtt_ms * 100.0).round() / 100.0),
-    })
+    tokio::time::timeout(TEST_TIMEOUT, work)
+        .await
+        .map_err(|_| format!("the speed test did not finish in {} s", TEST_TIMEOUT.as_secs()))?
 }
 
 /// Throughput in Mbit/s over a transfer that took `t`, less one round trip of request latency.

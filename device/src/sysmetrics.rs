@@ -19,11 +19,14 @@ use std::time::Instant;
 
 use serde_json::{Map, Value, json};
 
+/// Interface -> (received, sent) byte counters.
+type NetCounters = BTreeMap<String, (u64, u64)>;
+
 /// Samples system metrics; keeps the previous counters to compute rates.
 #[derive(Debug, Default)]
 pub struct SystemMetrics {
     cpu: Option<(u64, u64)>,
-    net: Option<(Instant, BTreeMap<String, (u64, u64)>)>,
+    net: Option<(Instant, NetCounters)>,
 }
 
 /// (busy, total) jiffies from the `cpu` line of /proc/stat.
@@ -51,7 +54,7 @@ fn meminfo(text: &str) -> BTreeMap<&str, u64> {
 }
 
 /// Interface -> (rx bytes, tx bytes) from /proc/net/dev, loopback left out.
-fn net_counters(text: &str) -> BTreeMap<String, (u64, u64)> {
+fn net_counters(text: &str) -> NetCounters {
     text.lines()
         .skip(2)
         .filter_map(|l| {
@@ -86,11 +89,11 @@ impl SystemMetrics {
         }
         if let Ok(text) = std::fs::read_to_string("/proc/meminfo") {
             let m = meminfo(&text);
-            if let (Some(&total), Some(&avail)) = (m.get("MemTotal"), m.get("MemAvailable")) {
-                if total > 0 {
-                    out.insert("memory_percent".into(), json!(round(100.0 * (total - avail) as f64 / total as f64, 1)));
-                    out.insert("memory".into(), json!({"total": total, "available": avail, "used": total - avail}));
-                }
+            if let (Some(&total), Some(&avail)) = (m.get("MemTotal"), m.get("MemAvailable"))
+                && total > 0
+            {
+                out.insert("memory_percent".into(), json!(round(100.0 * (total - avail) as f64 / total as f64, 1)));
+                out.insert("memory".into(), json!({"total": total, "available": avail, "used": total - avail}));
             }
         }
         if let Ok(text) = std::fs::read_to_string("/proc/loadavg") {
@@ -106,11 +109,11 @@ impl SystemMetrics {
             out.insert("uptime_s".into(), json!(up));
         }
         if let Ok(s) = nix::sys::statvfs::statvfs("/") {
-            let frsize = s.fragment_size() as u64;
-            let total = s.blocks() as u64 * frsize;
-            let free = s.blocks_available() as u64 * frsize;
+            let frsize = s.fragment_size();
+            let total = s.blocks() * frsize;
+            let free = s.blocks_available() * frsize;
             if total > 0 {
-                let used = total.saturating_sub(s.blocks_free() as u64 * frsize);
+                let used = total.saturating_sub(s.blocks_free() * frsize);
                 let percent = round(100.0 * used as f64 / (used + free).max(1) as f64, 1);
                 out.insert(
                     "disk_usage".into(),

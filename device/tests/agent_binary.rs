@@ -2,78 +2,16 @@
 //! publishes the simulated boat, reconnects after the relay restarts, and exits clearly when
 //! its credentials are refused.
 
+mod common;
+
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use common::*;
+use futures_util::SinkExt;
 use relay::RelayConfig;
 use relay::store::{OperatorRole, q};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-/// The real agent binary, run with `config`.
-fn agent_cmd(config: &std::path::Path) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"));
-    c.arg("--config").arg(config);
-    c
-}
-
-const ADMIN: &str = "tk_admin_0123456789abcdef";
-
-async fn start(dir: &std::path::Path, port: u16) -> relay::RunningRelay {
-    relay::start(RelayConfig {
-        port,
-        bind: "127.0.0.1".parse().unwrap(),
-        data_dir: dir.to_owned(),
-        admin_key: Some(ADMIN.into()),
-        ping_interval: 1.0,
-        ..RelayConfig::default()
-    })
-    .await
-    .unwrap()
-}
-
-async fn pilot(
-    addr: std::net::SocketAddr,
-    key: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
-    let t: Value = reqwest::Client::new()
-        .post(format!("http://{addr}/api/auth/ws-ticket"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/admin?ticket={}", t["ticket"].as_str().unwrap()))
-            .await
-            .unwrap();
-    ws.send(Message::Text(
-        json!({"type":"subscribe","payload":{"deviceID":"boat-7","replay":false}}).to_string().into(),
-    ))
-    .await
-    .unwrap();
-    ws
-}
-
-/// The next live telemetry frame. One overall deadline: pings and other messages keep
-/// arriving, so a per-message timeout would never fire if telemetry did not come.
-async fn frame(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = tokio::time::timeout_at(deadline, ws.next()).await.expect("telemetry in time").unwrap().unwrap();
-        if let Message::Text(t) = m {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            assert_ne!(v["type"], "error", "the relay refused: {v}");
-            if v["type"] == "telemetry" {
-                return v;
-            }
-        }
-    }
-}
 
 fn write_config(dir: &std::path::Path, addr: std::net::SocketAddr, secret: &str) -> std::path::PathBuf {
     let path = dir.join("config.yaml");

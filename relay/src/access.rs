@@ -134,10 +134,10 @@ impl Access {
         let g = self.grants_of(store, &who.id).await?;
         let mut best = g.org;
         best = best.max(g.devices.get(device).copied());
-        if !g.groups.is_empty() {
-            if let Some(group) = self.group_of(store, device).await? {
-                best = best.max(g.groups.get(&group).copied());
-            }
+        if !g.groups.is_empty()
+            && let Some(group) = self.group_of(store, device).await?
+        {
+            best = best.max(g.groups.get(&group).copied());
         }
         Ok(best)
     }

@@ -55,6 +55,19 @@ fn bearer(h: Option<String>) -> Option<String> {
     scheme.eq_ignore_ascii_case("bearer").then(|| value.trim().to_owned()).filter(|v| !v.is_empty())
 }
 
+/// Refuses an address blocked for failed authentications (before any bcrypt work); returns
+/// the address to charge further failures to.
+fn ip_gate(relay: &Relay, ip: Option<String>) -> Result<String, OpError> {
+    let ip = ip.unwrap_or_else(|| "unknown".into());
+    match relay.limits.ip_blocked_for(&ip) {
+        Some(wait) => Err(OpError::rate_limited(format!(
+            "too many failed authentications from this address; try again in {:.0} s",
+            wait.as_secs_f64().ceil()
+        ))),
+        None => Ok(ip),
+    }
+}
+
 /// Authenticates an operator from a bearer API key or the session cookie.
 /// Failed keys count toward the caller's address block (`ip`), like failed WebSocket
 /// authentications and logins; a blocked address is refused before any bcrypt work.
@@ -64,13 +77,7 @@ pub async fn operator_identity(
     cookie: Option<String>,
     ip: Option<String>,
 ) -> Result<Identity, OpError> {
-    let ip = ip.unwrap_or_else(|| "unknown".into());
-    if let Some(wait) = relay.limits.ip_blocked_for(&ip) {
-        return Err(OpError::rate_limited(format!(
-            "too many failed authentications from this address; try again in {:.0} s",
-            wait.as_secs_f64().ceil()
-        )));
-    }
+    let ip = ip_gate(relay, ip)?;
     let who = if let Some(key) = bearer(authorization) {
         match auth::verify_api_key(&relay.store, &relay.hasher, &key).await {
             Ok(who) => who,
@@ -112,13 +119,7 @@ pub async fn device_identity(
     client_id: Option<String>,
     ip: Option<String>,
 ) -> Result<Identity, OpError> {
-    let ip = ip.unwrap_or_else(|| "unknown".into());
-    if let Some(wait) = relay.limits.ip_blocked_for(&ip) {
-        return Err(OpError::rate_limited(format!(
-            "too many failed authentications from this address; try again in {:.0} s",
-            wait.as_secs_f64().ceil()
-        )));
-    }
+    let ip = ip_gate(relay, ip)?;
     let (Some(secret), Some(id)) = (bearer(authorization), client_id.filter(|c| !c.is_empty())) else {
         return Err(OpError::unauthorized("send Authorization: Bearer <clientSecret> and X-Client-ID: <device id>"));
     };

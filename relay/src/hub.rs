@@ -221,12 +221,12 @@ impl Hub for LocalHub {
     fn attach(&self, conn: Arc<Conn>) -> Vec<Arc<Conn>> {
         let mut reg = self.registry.write();
         let mut replaced = Vec::new();
-        if conn.identity.role == Role::Device {
-            if let Some(old) = reg.by_identity.remove(&conn.identity.id) {
-                for id in old {
-                    if let Some(c) = reg.conns.remove(&id) {
-                        replaced.push(c);
-                    }
+        if conn.identity.role == Role::Device
+            && let Some(old) = reg.by_identity.remove(&conn.identity.id)
+        {
+            for id in old {
+                if let Some(c) = reg.conns.remove(&id) {
+                    replaced.push(c);
                 }
             }
         }
@@ -238,12 +238,12 @@ impl Hub for LocalHub {
     fn detach(&self, conn: &Conn) {
         let subs = {
             let mut reg = self.registry.write();
-            if reg.conns.remove(&conn.id).is_some() {
-                if let Some(list) = reg.by_identity.get_mut(&conn.identity.id) {
-                    list.retain(|c| *c != conn.id);
-                    if list.is_empty() {
-                        reg.by_identity.remove(&conn.identity.id);
-                    }
+            if reg.conns.remove(&conn.id).is_some()
+                && let Some(list) = reg.by_identity.get_mut(&conn.identity.id)
+            {
+                list.retain(|c| *c != conn.id);
+                if list.is_empty() {
+                    reg.by_identity.remove(&conn.identity.id);
                 }
             }
             reg.subs_by_conn.remove(&conn.id).unwrap_or_default()
@@ -270,10 +270,10 @@ impl Hub for LocalHub {
         };
         let mut n = 0;
         for id in ids {
-            if let Some(c) = reg.conns.get(id).filter(|c| c.identity.org == org) {
-                if c.outbox.push_control(text.clone()).is_ok() {
-                    n += 1;
-                }
+            if let Some(c) = reg.conns.get(id).filter(|c| c.identity.org == org)
+                && c.outbox.push_control(text.clone()).is_ok()
+            {
+                n += 1;
             }
         }
         if n == 0 { Delivery::NotConnected } else { Delivery::Delivered(n) }

@@ -156,10 +156,10 @@ async fn housekeeping(relay: Arc<Relay>) {
             relay.leases.announce(&relay, &org, &device, "expired");
         }
         n += 1;
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             expire_queued(&relay).await;
         }
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             relay.flush_presence().await;
             relay.limits.sweep();
         }
