@@ -1034,9 +1034,9 @@ impl Agent {
     async fn apply(&mut self, new: Config) -> CommandResult {
         let old = &self.config;
         let mut restart_required = Vec::new();
+        // serverAddress and the credentials take effect at the next reconnect (only a reload can
+        // change them); these need the agent restarted:
         for (key, changed) in [
-            ("serverAddress", old.server_address != new.server_address),
-            ("clientID", old.client_id != new.client_id || old.client_secret != new.client_secret),
             ("caFile", old.ca_file != new.ca_file),
             ("logLevel", old.log_level != new.log_level),
             ("telemetry.udp", old.telemetry.udp != new.telemetry.udp),
@@ -1055,16 +1055,8 @@ impl Agent {
         self.dedupe.set_capacity(new.commands.remember);
         self.safety.set_config(new.safety.clone());
         self.retune = true;
-        // Settings that need a restart keep their running values until then.
-        let mut new = new;
-        if !restart_required.is_empty() {
-            new.server_address = self.config.server_address.clone();
-            new.client_id = self.config.client_id.clone();
-            new.client_secret = self.config.client_secret.clone();
-            new.ca_file = self.config.ca_file.clone();
-            new.telemetry.udp = self.config.telemetry.udp.clone();
-            new.telemetry.unix_socket = self.config.telemetry.unix_socket.clone();
-        }
+        // The running config is the file's (so a later update never writes old values back);
+        // the inputs listed in restartRequired keep running as they were until the restart.
         self.config = new;
         let data = match report {
             Some(r) => json!({

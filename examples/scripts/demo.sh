@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: a relay with its SQLite store under target/demo, a provisioned demo boat running
-# the real agent with the simulated boat, and the console URL with an operator key.
+# the real agent, the simulated boat (`tether-boat`, a separate program that talks to the agent
+# only through its local socket, as a team's own software would), and the console URL with an
+# operator key.
 # Ctrl-C stops everything. State persists between runs (`make clean-demo` forgets it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,9 +13,12 @@ mkdir -p "$DATA"
 chmod 700 "$DATA"
 
 echo "demo: building (the first build takes a few minutes)..."
-cargo build --release --locked -q -p tether-relay -p tether-device
+cargo build --release --locked -q -p tether-relay -p tether-device -p tether-examples --bin tether-relay \
+  --bin tether-device --bin tether-boat --bin tether-pilot
 RELAY=target/release/tether-relay
 DEVICE=target/release/tether-device
+BOAT=target/release/tether-boat
+SOCKET="$PWD/$DATA/robot.sock"
 DB="$DATA/tether.db"
 
 # The admin key: generated once, kept next to the database (mode 600).
@@ -37,13 +42,20 @@ clientSecret: "${secret}"
 name: "Demo boat"
 logLevel: "info"
 telemetry:
-  rateHz: 5
-  simulator: true
+  systemMetrics: true
+  udp: "127.0.0.1:47300"
+  unixSocket: "robot.sock"
+commands:
+  allow: ["uptime", "df", "free", "ip"]
+safety:
+  policy: hold
 YAML
 )
 fi
-# Follow the port if it changed since the file was written.
+# Follow the port (and the socket path) if they changed since the file was written.
 sed -i "s#^serverAddress: .*#serverAddress: \"ws://127.0.0.1:${PORT}/ws\"#" "$DATA/boat.yaml"
+grep -q '^  unixSocket:' "$DATA/boat.yaml" || sed -i "s#^telemetry:#telemetry:\n  unixSocket: \"${SOCKET}\"#" "$DATA/boat.yaml"
+sed -i "s#^  unixSocket: .*#  unixSocket: \"${SOCKET}\"#; s#^  simulator: true#  simulator: false#" "$DATA/boat.yaml"
 
 pids=()
 cleanup() {
@@ -66,7 +78,9 @@ for _ in $(seq 1 100); do
 done
 curl -fsS "http://127.0.0.1:${PORT}/health" >/dev/null || { echo "demo: relay not healthy on port $PORT" >&2; exit 1; }
 
-"$DEVICE" --config "$DATA/boat.yaml" 2>"$DATA/boat.log" &
+"$DEVICE" --config "$DATA/boat.yaml" 2>"$DATA/agent.log" &
+pids+=($!)
+"$BOAT" --socket "$SOCKET" 2>"$DATA/boat.log" &
 pids+=($!)
 
 cat <<MSG
@@ -76,13 +90,16 @@ cat <<MSG
     Console:       http://localhost:${PORT}/
     Operator key:  ${ADMIN_KEY}
     Health:        http://localhost:${PORT}/health
-    Logs:          ${DATA}/relay.log, ${DATA}/boat.log
+    Logs:          ${DATA}/relay.log, ${DATA}/agent.log, ${DATA}/boat.log
 
   Log in with the key, open "Demo boat" and watch its telemetry.
-  From a terminal:  cargo run -q -p tether-examples --bin tether-pilot -- \\
-                      --relay http://localhost:${PORT} --api-key ${ADMIN_KEY} --device demo-boat
+  From a terminal:
+    follow:  target/release/tether-pilot --relay http://localhost:${PORT} --api-key ${ADMIN_KEY} --device demo-boat
+    steer:   ... --device demo-boat --waypoint 37.8150,-122.4250
+             ... --device demo-boat --command teleop --data '{"throttle":0.6,"rudder":-0.4}'
+    (the boat's course changes; stop the pilot and its lease expires: the agent tells the boat to hold)
 
-  Ctrl-C stops the relay and the boat.
+  Ctrl-C stops the relay, the agent and the boat.
 MSG
 wait -n "${pids[@]}" || true
 echo "demo: a process exited; see ${DATA}/*.log" >&2

@@ -4,8 +4,14 @@
 //! (`POST /api/auth/ws-ticket`), open `/ws/admin?ticket=`, send `subscribe`, and print every
 //! `telemetry` frame with the relay's sequence verdict, the frame's age and the clock offset.
 //!
+//! With `--waypoint` or `--command` it also takes the device's control lease, sends one app
+//! command (the robot software answers it through the agent) and keeps the lease alive while it
+//! follows the telemetry.
+//!
 //! ```text
 //! tether-pilot --relay http://localhost:8000 --api-key tk_... --device demo-boat
+//! tether-pilot ... --device demo-boat --waypoint 37.8150,-122.4250
+//! tether-pilot ... --device demo-boat --command teleop --data '{"throttle":0.5,"rudder":-0.3}'
 //! ```
 
 use std::time::Duration;
@@ -38,6 +44,32 @@ struct Args {
     /// Print each frame as one JSON line instead of a summary.
     #[arg(long)]
     json: bool,
+    /// Steer: send the robot to this waypoint (`set_waypoint`); needs control permission.
+    #[arg(long, value_name = "LAT,LON", conflicts_with = "command")]
+    waypoint: Option<String>,
+    /// Send this app command to the robot software (`set_waypoints`, `teleop`, `resume`, ...).
+    #[arg(long)]
+    command: Option<String>,
+    /// The app command's data, as JSON.
+    #[arg(long, default_value = "{}", requires = "command")]
+    data: String,
+}
+
+/// The app command asked for on the command line, if any.
+fn app_command(args: &Args) -> anyhow::Result<Option<Value>> {
+    if let Some(w) = &args.waypoint {
+        let (lat, lon) = w.split_once(',').context("--waypoint takes LAT,LON")?;
+        let lat: f64 = lat.trim().parse().context("--waypoint: the latitude is not a number")?;
+        let lon: f64 = lon.trim().parse().context("--waypoint: the longitude is not a number")?;
+        return Ok(Some(json!({"command": "set_waypoint", "data": {"latitude": lat, "longitude": lon}})));
+    }
+    match &args.command {
+        Some(c) => {
+            let data: Value = serde_json::from_str(&args.data).context("--data is not JSON")?;
+            Ok(Some(json!({"command": c, "data": data})))
+        }
+        None => Ok(None),
+    }
 }
 
 fn fmt_ms(v: &Value) -> String {
@@ -77,6 +109,7 @@ fn summary(f: &Value) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let steer = app_command(&args)?;
     let base = args.relay.trim_end_matches('/');
     let resp = reqwest::Client::new()
         .post(format!("{base}/api/auth/ws-ticket"))
@@ -100,13 +133,24 @@ async fn main() -> anyhow::Result<()> {
             .into(),
     ))
     .await?;
+    let send = |v: Value| Message::Text(v.to_string().into());
+    if steer.is_some() {
+        ws.send(send(json!({"type":"lease_acquire","correlationID":"lease-1","payload":{"deviceID":args.device}})))
+            .await?;
+    }
+    let mut holding = false;
     let mut live = 0u64;
     let mut ping = tokio::time::interval(Duration::from_secs(15));
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
     loop {
         let msg = tokio::select! {
             m = ws.next() => m,
             _ = ping.tick() => {
-                ws.send(Message::Text(json!({"type":"ping","payload":{}}).to_string().into())).await?;
+                ws.send(send(json!({"type":"ping","payload":{}}))).await?;
+                continue;
+            }
+            _ = heartbeat.tick(), if holding => {
+                ws.send(send(json!({"type":"lease_heartbeat","payload":{"deviceID":args.device}}))).await?;
                 continue;
             }
             _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -138,6 +182,29 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
             }
+            Some("ack") if v["correlationID"] == "lease-1" => {
+                holding = true;
+                eprintln!("holding the control lease of {}", args.device);
+                if let Some(cmd) = &steer {
+                    let mut m = json!({"type":"app_command","correlationID":"cmd-1","clientID":args.device});
+                    m["payload"] = cmd.clone();
+                    ws.send(send(m)).await?;
+                }
+            }
+            Some("command_result") => eprintln!(
+                "{} {}: {}",
+                v["payload"]["ok"].as_bool().map_or("?", |ok| if ok { "done" } else { "refused" }),
+                v["correlationID"],
+                if v["payload"]["ok"] == true { v["payload"]["data"].to_string() } else { v["payload"]["error"].to_string() }
+            ),
+            Some("safety_stop") => eprintln!(
+                "SAFETY STOP on {}: {} ({})",
+                v["from"], v["payload"]["policy"], v["payload"]["reason"]
+            ),
+            Some("lease_state") => eprintln!(
+                "control lease of {}: {} ({})",
+                v["payload"]["deviceID"], v["payload"]["holderName"], v["payload"]["reason"]
+            ),
             Some("telemetry_dropped") => {
                 eprintln!("warning: the relay dropped {} frames for this slow connection", v["payload"]["count"])
             }

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The agent's footprint: stripped binary size and idle memory, measured on this machine.
+#   bash examples/scripts/agent-footprint.sh            (release profile)
+#   PROFILE=release-small bash examples/scripts/agent-footprint.sh
+# Starts a throwaway relay and one agent (system metrics on, local inputs open, no simulator),
+# lets it settle, then reads VmRSS/VmHWM from /proc.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PROFILE=${PROFILE:-release}
+SETTLE=${SETTLE:-20}
+cargo build --profile "$PROFILE" --locked -q -p tether-relay -p tether-device --bin tether-relay --bin tether-device
+OUT=target/$PROFILE
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+strip -o "$WORK/tether-device" "$OUT/tether-device"
+size=$(stat -c %s "$WORK/tether-device")
+echo "profile:              $PROFILE"
+echo "agent binary:         $(stat -c %s "$OUT/tether-device") bytes unstripped"
+echo "agent binary:         $size bytes stripped ($(awk "BEGIN{printf \"%.2f\", $size/1048576}") MiB)"
+
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+TETHER_ADMIN_KEY=tk_footprint_0123456789 "$OUT/tether-relay" --db "$WORK/t.db" init >/dev/null
+creds=$("$OUT/tether-relay" --db "$WORK/t.db" device create --org default --id fp-boat --name fp --json)
+secret=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["clientSecret"])' <<<"$creds")
+PORT=$PORT "$OUT/tether-relay" --db "$WORK/t.db" --data-dir "$WORK" 2>"$WORK/relay.log" &
+for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break; sleep 0.1; done
+cat > "$WORK/config.yaml" <<YAML
+serverAddress: "ws://127.0.0.1:$PORT/ws"
+clientID: fp-boat
+clientSecret: "$secret"
+telemetry:
+  udp: "127.0.0.1:0"
+  unixSocket: "$WORK/robot.sock"
+YAML
+"$WORK/tether-device" --config "$WORK/config.yaml" 2>"$WORK/agent.log" &
+AGENT=$!
+sleep "$SETTLE"
+grep -q "authenticated with the relay" "$WORK/agent.log" || { echo "the agent did not connect:"; cat "$WORK/agent.log"; exit 1; }
+rss=$(awk '/VmRSS/{print $2}' /proc/$AGENT/status)
+hwm=$(awk '/VmHWM/{print $2}' /proc/$AGENT/status)
+threads=$(awk '/Threads/{print $2}' /proc/$AGENT/status)
+cpu=$(awk '{print ($14+$15)/100}' /proc/$AGENT/stat)
+echo "idle agent after ${SETTLE}s: VmRSS ${rss} KiB, peak ${hwm} KiB, ${threads} thread(s), ${cpu} CPU-seconds used"
