@@ -32,7 +32,7 @@ async fn pilot_cli_prints_verdicts_and_ages_of_the_simulated_boat() {
     // device crate's own tests run the binary).
     let agent_config = device::Config::parse(
         &format!(
-            "serverAddress: \"ws://{}/ws\"\nclientID: demo-boat\nclientSecret: \"{secret}\"\ntelemetry:\n  rateHz: 20\n  simulator: true\n  udp: \"\"\n  unixSocket: \"\"\n",
+            "serverAddress: \"ws://{}/ws\"\nclientID: demo-boat\nclientSecret: \"{secret}\"\ntelemetry:\n  rateHz: 20\n  simulator: true\n  systemMetrics: false\n  udp: \"\"\n  unixSocket: \"\"\n",
             running.addr
         ),
         "test",

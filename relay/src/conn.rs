@@ -26,7 +26,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use signaling::message::{
     self, Ack, AuthOk, Body, Frame, Pong, RegistrationPending, TelemetryAnnotation, TelemetryDropped, TelemetryHeader,
-    TimeSync, Unsubscribed,
+    TimeSync, Unsubscribed, WebRtc,
 };
 use signaling::{Envelope, ErrorCode};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -38,6 +38,7 @@ use crate::auth::{self, Identity, Role};
 use crate::hub::{Conn, Delivery, PendingRequest};
 use crate::leases::LeaseRefusal;
 use crate::limits::{ConnLimiter, Overrides};
+use crate::media::{self, MediaSession};
 use crate::metrics::type_index;
 use crate::ops;
 use crate::outbox::{Next, Outbox};
@@ -82,6 +83,16 @@ const WITH_RESULT: &[&str] =
 /// Replies that end a request: they stop its deadline and clear a queued copy. Other replies
 /// (`command_progress`, `webrtc`) are routed the same way but leave the request open.
 const FINAL_REPLIES: &[&str] = &["command_output", "command_result", "speed_test_result"];
+
+/// A session id as the relay accepts it: 1 to 128 characters.
+fn valid_session(id: Option<String>) -> Option<String> {
+    id.filter(|s| !s.is_empty() && s.len() <= 128)
+}
+
+/// A payload the relay wrote itself, as raw JSON.
+fn raw(json: &str) -> Option<&RawValue> {
+    serde_json::from_str::<&RawValue>(json).ok()
+}
 
 fn error_text(relay: &Relay, code: ErrorCode, message: impl Into<String>, correlation_id: Option<String>) -> String {
     relay.metrics.count_error(code);
@@ -489,7 +500,7 @@ impl Session {
         }
     }
 
-    /// Cleans up after the connection: hub membership, presence, leases.
+    /// Cleans up after the connection: hub membership, presence, leases, media sessions.
     fn finish(&self) {
         let relay = &self.relay;
         relay.hub.detach(&self.conn);
@@ -500,10 +511,20 @@ impl Session {
             // A replacement connection may already be up; only announce a real departure.
             if !relay.hub.is_online(&me.id) {
                 ops::announce_presence(relay, &me.id, false, now);
+                for s in relay.media.device_gone(&me.id) {
+                    let bye = media::bye_payload(&s.id, "device_offline");
+                    let text = message::encode_routed("webrtc", None, Some(&s.pilot), &me.id, raw(&bye));
+                    relay.hub.send_to_conn(s.conn, Utf8Bytes::from(text));
+                }
             }
         } else {
             for (device, org) in relay.leases.conn_closed(self.conn.id) {
                 relay.leases.announce(relay, &org, &device, "disconnected");
+            }
+            for s in relay.media.conn_closed(self.conn.id) {
+                let bye = media::bye_payload(&s.id, "pilot_left");
+                let text = message::encode_routed("webrtc", None, Some(&s.device), &s.pilot, raw(&bye));
+                relay.hub.send_to(&s.org, &s.device, Utf8Bytes::from(text));
             }
         }
     }
@@ -762,7 +783,6 @@ impl Session {
             | Body::ReloadConfig(_)
             | Body::SpeedTest(_)
             | Body::AppCommand(_)
-            | Body::WebRtc(_)
                 if role.is_operator() =>
             {
                 let timeout_ms = match &env.body {
@@ -771,15 +791,13 @@ impl Session {
                 };
                 self.route_request(ty, corr, env.client_id, payload, timeout_ms).await;
             }
-            Body::CommandOutput(_)
-            | Body::CommandProgress(_)
-            | Body::CommandResult(_)
-            | Body::SpeedTestResult(_)
-            | Body::WebRtc(_)
+            Body::CommandOutput(_) | Body::CommandProgress(_) | Body::CommandResult(_) | Body::SpeedTestResult(_)
                 if role == Role::Device =>
             {
                 self.route_reply(ty, corr, env.client_id, payload).await;
             }
+            Body::WebRtc(w) if role.is_operator() => self.pilot_webrtc(w, corr, env.client_id, payload).await,
+            Body::WebRtc(w) if role == Role::Device => self.device_webrtc(w, corr, env.client_id, payload),
             Body::ProcessState(_) if role == Role::Device => {
                 let text = message::encode_routed(ty, corr.as_deref(), None, &self.me().id, payload);
                 let n = self.relay.hub.publish_process_state(&self.me().id, Utf8Bytes::from(text));
@@ -810,6 +828,86 @@ impl Session {
                 let who = if role == Role::Device { "a device" } else { "an operator" };
                 self.error(ErrorCode::NotAllowed, format!("{who} cannot send {ty:?} messages on this endpoint"), corr);
             }
+        }
+    }
+
+    /// Pilot -> device signaling: needs `view` on the device and a sessionID; an `offer` opens
+    /// the session (media.rs), everything else must belong to one this connection opened.
+    async fn pilot_webrtc(&self, w: WebRtc, corr: Option<String>, target: Option<String>, payload: Option<&RawValue>) {
+        let Some(device) = target else {
+            self.error(ErrorCode::InvalidPayload, "webrtc needs clientID: the device it is for", corr);
+            return;
+        };
+        if self.authorize(&device, "webrtc", corr.clone()).await.is_none() {
+            return;
+        }
+        let Some(id) = valid_session(w.session_id) else {
+            self.error(ErrorCode::InvalidPayload, "webrtc messages need a sessionID (1 to 128 characters)", corr);
+            return;
+        };
+        let me = self.me();
+        let session = MediaSession {
+            id: id.clone(),
+            device: device.clone(),
+            org: me.org.clone(),
+            pilot: me.id.clone(),
+            conn: self.conn.id,
+        };
+        if let Err(e) = self.relay.media.from_pilot(session, w.subtype == "offer") {
+            self.error(ErrorCode::InvalidPayload, e.to_string(), corr);
+            return;
+        }
+        let text = message::encode_routed("webrtc", corr.as_deref(), Some(&device), &me.id, payload);
+        match self.relay.hub.send_to(&me.org, &device, Utf8Bytes::from(text)) {
+            Delivery::Delivered(n) => {
+                self.relay.metrics.count_out(type_index("webrtc"), n as u64);
+                // Only messages that ask (with a correlationID) are acknowledged; trickled
+                // candidates usually do not.
+                if corr.is_some() {
+                    self.ack("delivered", corr, None, None);
+                }
+            }
+            Delivery::NotConnected => {
+                self.relay.media.end(&id);
+                self.error(ErrorCode::TargetOffline, format!("{device} is not connected"), corr);
+                return;
+            }
+        }
+        if w.subtype == "bye" {
+            self.relay.media.end(&id);
+        }
+    }
+
+    /// Device -> pilot signaling: only within a session the pilot opened, and only to the
+    /// connection that opened it. If that pilot is gone, the device hears `bye` (`pilot_left`).
+    fn device_webrtc(&self, w: WebRtc, corr: Option<String>, target: Option<String>, payload: Option<&RawValue>) {
+        if target.as_deref().is_some_and(|t| self.relay.hub.role_of(t) == Some(Role::Device)) {
+            self.error(ErrorCode::NotAllowed, "devices answer operators; they cannot message other devices", corr);
+            return;
+        }
+        let me = self.me();
+        let Some(id) = valid_session(w.session_id) else {
+            self.error(ErrorCode::InvalidPayload, "webrtc messages need a sessionID (1 to 128 characters)", corr);
+            return;
+        };
+        let Some(session) = self.relay.media.for_device(&id, &me.id) else {
+            self.error(
+                ErrorCode::InvalidPayload,
+                format!("no open session {id:?} with this device: the pilot left or never sent an offer"),
+                corr,
+            );
+            return;
+        };
+        let text = message::encode_routed("webrtc", corr.as_deref(), Some(&session.pilot), &me.id, payload);
+        if self.relay.hub.send_to_conn(session.conn, Utf8Bytes::from(text)) {
+            self.relay.metrics.count_out(type_index("webrtc"), 1);
+            if w.subtype == "bye" {
+                self.relay.media.end(&id);
+            }
+        } else {
+            self.relay.media.end(&id);
+            let bye = media::bye_payload(&id, "pilot_left");
+            self.push("webrtc", message::encode_routed("webrtc", None, Some(&me.id), &session.pilot, raw(&bye)));
         }
     }
 

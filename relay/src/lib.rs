@@ -15,6 +15,7 @@ pub mod console;
 pub mod hub;
 pub mod leases;
 pub mod limits;
+pub mod media;
 pub mod metrics;
 pub mod ops;
 pub mod outbox;
@@ -89,6 +90,8 @@ pub struct Relay {
     pub access: access::Access,
     /// Control leases.
     pub leases: leases::Leases,
+    /// WebRTC signaling sessions.
+    pub media: media::MediaSessions,
     /// Rate limits.
     pub limits: limits::Limits,
     /// Routing between connections.
@@ -121,6 +124,7 @@ impl Relay {
         Relay {
             access: access::Access::default(),
             leases: leases::Leases::new(config.lease_lifetime()),
+            media: media::MediaSessions::default(),
             limits,
             config,
             store,

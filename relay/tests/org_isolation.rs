@@ -20,7 +20,8 @@ async fn a_pilot_of_org_b_cannot_reach_org_a_devices() {
     assert_eq!(e["correlationID"], "s");
     b.send(json!({"type":"execute_command","correlationID":"c","clientID":"boat-a","payload":{"command":"ls"}})).await;
     assert_eq!(b.recv().await["payload"]["code"], "unknown_target");
-    b.send(json!({"type":"webrtc","clientID":"boat-a","payload":{"subtype":"offer","sdp":"v=0"}})).await;
+    b.send(json!({"type":"webrtc","clientID":"boat-a","payload":{"subtype":"offer","sessionID":"s1","sdp":"v=0"}}))
+        .await;
     assert_eq!(b.recv().await["payload"]["code"], "unknown_target");
     // The device never saw any of it.
     dev.telemetry(1, now_ms(), json!({})).await;
@@ -42,7 +43,7 @@ async fn unknown_and_offline_targets_are_named() {
     assert_eq!(e["payload"]["code"], "unknown_target");
     assert_eq!(e["correlationID"], "c1");
     // Signaling for an offline device is refused (a command would be queued: offline_queue.rs).
-    p.send(json!({"type":"webrtc","correlationID":"c2","clientID":"boat-1","payload":{"subtype":"offer","sdp":"v=0"}}))
+    p.send(json!({"type":"webrtc","correlationID":"c2","clientID":"boat-1","payload":{"subtype":"offer","sessionID":"s2","sdp":"v=0"}}))
         .await;
     let e = p.recv().await;
     assert_eq!(e["payload"]["code"], "target_offline");

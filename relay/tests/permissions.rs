@@ -81,7 +81,13 @@ async fn every_role_and_level_against_every_device_message() {
     for (name, key, level) in &operators {
         let mut p = r.operator(key).await;
         for (ty, needs) in types {
-            p.send(message(ty)).await;
+            let mut m = message(ty);
+            // Each operator opens its own media session.
+            m["payload"]["sessionID"] = json!(name);
+            if *ty != "webrtc" {
+                m = message(ty);
+            }
+            p.send(m).await;
             let got = allowed(&mut p).await;
             let want = level.is_some_and(|l| rank(l) >= rank(needs));
             table.push(format!("{name:32} {ty:22} {}", if got { "allowed" } else { "forbidden" }));
