@@ -334,15 +334,33 @@ impl Default for SafetyConfig {
 }
 
 /// Camera streaming (used by the video pipeline; validated here so `check` catches mistakes).
+/// A STUN or TURN server for WebRTC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IceServerConfig {
+    /// `stun:host:port`, `turn:host:port?transport=udp`, `turns:...`.
+    pub urls: Vec<String>,
+    /// TURN user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// TURN password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VideoConfig {
     /// Stream video at all (default false).
     #[serde(default)]
     pub enabled: bool,
-    /// A GStreamer source description (default `videotestsrc is-live=true`).
+    /// `testpattern` (with a clock overlay, default), `v4l2:/dev/video0`, `rtsp://...` or
+    /// `file:/path/clip.mp4`.
     #[serde(default = "default_video_source")]
     pub source: String,
+    /// `h264` (default; constrained baseline, what every browser decodes) or `vp8`.
+    #[serde(default = "default_codec")]
+    pub codec: String,
     /// Pixels (default 1280).
     #[serde(default = "default_width")]
     pub width: u32,
@@ -352,13 +370,26 @@ pub struct VideoConfig {
     /// Frames per second (default 30).
     #[serde(default = "default_framerate")]
     pub framerate: u32,
-    /// Target bitrate in kbit/s (default 1500).
+    /// Starting bitrate in kbit/s (default 1500); it then follows the viewers' feedback.
     #[serde(default = "default_bitrate")]
     pub bitrate_kbps: u32,
+    /// Lowest bitrate feedback may push it to (default 150).
+    #[serde(default = "default_min_bitrate")]
+    pub min_bitrate_kbps: u32,
+    /// Highest (default 4000).
+    #[serde(default = "default_max_bitrate")]
+    pub max_bitrate_kbps: u32,
+    /// STUN/TURN servers (default none: host candidates only, fine on one network).
+    #[serde(default)]
+    pub ice_servers: Vec<IceServerConfig>,
 }
 
 fn default_video_source() -> String {
-    "videotestsrc is-live=true".into()
+    "testpattern".into()
+}
+
+fn default_codec() -> String {
+    "h264".into()
 }
 
 fn default_width() -> u32 {
@@ -377,15 +408,27 @@ fn default_bitrate() -> u32 {
     1500
 }
 
+fn default_min_bitrate() -> u32 {
+    150
+}
+
+fn default_max_bitrate() -> u32 {
+    4000
+}
+
 impl Default for VideoConfig {
     fn default() -> Self {
         VideoConfig {
             enabled: false,
             source: default_video_source(),
+            codec: default_codec(),
             width: default_width(),
             height: default_height(),
             framerate: default_framerate(),
             bitrate_kbps: default_bitrate(),
+            min_bitrate_kbps: default_min_bitrate(),
+            max_bitrate_kbps: default_max_bitrate(),
+            ice_servers: Vec::new(),
         }
     }
 }
@@ -661,6 +704,35 @@ impl Config {
         }
         if !(50..=50_000).contains(&v.bitrate_kbps) {
             return bad("video.bitrateKbps", format!("must be between 50 and 50000, got {}", v.bitrate_kbps));
+        }
+        if !(v.min_bitrate_kbps <= v.bitrate_kbps && v.bitrate_kbps <= v.max_bitrate_kbps) {
+            return bad(
+                "video.minBitrateKbps",
+                format!(
+                    "need minBitrateKbps <= bitrateKbps <= maxBitrateKbps, got {} <= {} <= {}",
+                    v.min_bitrate_kbps, v.bitrate_kbps, v.max_bitrate_kbps
+                ),
+            );
+        }
+        if !matches!(v.codec.as_str(), "h264" | "vp8") {
+            return bad("video.codec", format!("{:?} is not h264 or vp8", v.codec));
+        }
+        let known = v.source == "testpattern"
+            || v.source.starts_with("v4l2:")
+            || v.source.starts_with("/dev/video")
+            || v.source.starts_with("rtsp://")
+            || v.source.starts_with("rtsps://")
+            || v.source.starts_with("file:");
+        if !known {
+            return bad(
+                "video.source",
+                format!("{:?}: use testpattern, v4l2:/dev/videoN, rtsp://... or file:/path", v.source),
+            );
+        }
+        for (i, s) in v.ice_servers.iter().enumerate() {
+            if s.urls.is_empty() || s.urls.iter().any(|u| !["stun:", "turn:", "turns:"].iter().any(|p| u.starts_with(p))) {
+                return bad(&format!("video.iceServers[{i}].urls"), "each URL starts with stun:, turn: or turns:".into());
+            }
         }
         Ok(())
     }

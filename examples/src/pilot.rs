@@ -195,12 +195,15 @@ async fn main() -> anyhow::Result<()> {
                 "{} {}: {}",
                 v["payload"]["ok"].as_bool().map_or("?", |ok| if ok { "done" } else { "refused" }),
                 v["correlationID"],
-                if v["payload"]["ok"] == true { v["payload"]["data"].to_string() } else { v["payload"]["error"].to_string() }
+                if v["payload"]["ok"] == true {
+                    v["payload"]["data"].to_string()
+                } else {
+                    v["payload"]["error"].to_string()
+                }
             ),
-            Some("safety_stop") => eprintln!(
-                "SAFETY STOP on {}: {} ({})",
-                v["from"], v["payload"]["policy"], v["payload"]["reason"]
-            ),
+            Some("safety_stop") => {
+                eprintln!("SAFETY STOP on {}: {} ({})", v["from"], v["payload"]["policy"], v["payload"]["reason"])
+            }
             Some("lease_state") => eprintln!(
                 "control lease of {}: {} ({})",
                 v["payload"]["deviceID"], v["payload"]["holderName"], v["payload"]["reason"]
