@@ -382,6 +382,9 @@ pub struct VideoConfig {
     /// STUN/TURN servers (default none: host candidates only, fine on one network).
     #[serde(default)]
     pub ice_servers: Vec<IceServerConfig>,
+    /// Also offer loopback ICE candidates (default false; for a viewer on the same host).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_loopback: bool,
 }
 
 fn default_video_source() -> String {
@@ -429,6 +432,7 @@ impl Default for VideoConfig {
             min_bitrate_kbps: default_min_bitrate(),
             max_bitrate_kbps: default_max_bitrate(),
             ice_servers: Vec::new(),
+            include_loopback: false,
         }
     }
 }

@@ -15,6 +15,8 @@ pub mod sim;
 pub mod speedtest;
 pub mod supervise;
 pub mod sysmetrics;
+#[cfg(feature = "video")]
+pub mod video;
 
 pub use config::Config;
 pub use link::{Agent, AgentError};

@@ -215,6 +215,9 @@ pub struct Agent {
     internal: Option<mpsc::Sender<Internal>>,
     /// Set when a config change needs the tickers rebuilt.
     retune: bool,
+    /// The video task, once running.
+    #[cfg(feature = "video")]
+    video: Option<crate::video::VideoService>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -256,6 +259,8 @@ impl Agent {
             link: None,
             internal: None,
             retune: true,
+            #[cfg(feature = "video")]
+            video: None,
         }
     }
 
@@ -291,6 +296,19 @@ impl Agent {
         self.internal = Some(internal_tx);
         let (local_tx, mut local_rx) = mpsc::channel(1024);
         self.local = self.bind_local(local_tx.clone()).await;
+        #[cfg(feature = "video")]
+        {
+            let (vtx, mut vrx) = mpsc::channel::<String>(1024);
+            let internal = self.internal_tx();
+            tokio::spawn(async move {
+                while let Some(text) = vrx.recv().await {
+                    if internal.send(Internal::Send(text)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            self.video = Some(crate::video::VideoService::start(self.config.video.clone(), vtx));
+        }
         let (sup_tx, mut sup_rx) = mpsc::channel(1024);
         self.supervisor =
             Some(Supervisor::start(self.config.paths.clone(), self.config.command_restart_max_delay.value, sup_tx));
@@ -767,6 +785,7 @@ impl Agent {
                 }
             }
             Body::Pong(_) | Body::AuthOk(_) | Body::Presence(_) | Body::Ack(_) => {}
+            Body::WebRtc(w) => self.on_webrtc(w, from),
             body => self.on_request(body, corr, from).await,
         }
     }
@@ -888,6 +907,23 @@ impl Agent {
                 tracing::warn!("unsupported request {ty:?} from {from:?}");
                 let msg = format!("{ty} is not something this device accepts");
                 self.finish(corr, from, failure(ErrorCode::Unsupported, msg));
+            }
+        }
+    }
+
+    /// Video signaling from a pilot: to the video task, or a `bye` when this build has none.
+    fn on_webrtc(&mut self, w: message::WebRtc, from: Option<String>) {
+        let Some(from) = from else { return };
+        #[cfg(feature = "video")]
+        if let Some(v) = &self.video {
+            v.signal(crate::video::Signal { from, payload: w });
+            return;
+        }
+        if w.subtype == "offer" {
+            let bye = json!({"subtype": "bye", "sessionID": w.session_id, "reason": "video_unavailable",
+                "message": "this agent was built without video"});
+            if let Ok(b) = serde_json::from_value::<message::WebRtc>(bye) {
+                self.send_text(addressed(b, None, Some(from)));
             }
         }
     }
