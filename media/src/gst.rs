@@ -1,0 +1,1099 @@
+//! GStreamer capture and encoding: one live pipeline per camera, whose RTP packets reach the WebRTC
+//! side through a bounded channel.
+//!
+//! How to drive it: call [`init`] once, build [`VideoSettings`] from config, [`VideoPipeline::start`]
+//! it with the sending half of a bounded `tokio::sync::mpsc` channel, and read the receiving half:
+//! each item is one RTP packet (payload type 96, at most 1200 bytes) ready for a webrtc-crate
+//! `TrackLocalStaticRTP`. Feed the receiver's feedback back in: a bandwidth estimate (REMB, TWCC or
+//! loss) through [`VideoPipeline::set_bitrate`], a PLI/FIR through [`VideoPipeline::request_keyframe`].
+//!
+//! The channel is never waited on: when it is full the packet is dropped and counted in
+//! [`PipelineStats::dropped_packets`], so a slow consumer costs frames, not capture latency.
+//!
+//! A pipeline ends when its source does (the end of a file) or when it fails (camera unplugged, RTSP
+//! server gone, encoder error). Either way the packet channel closes, so `recv()` returns `None`,
+//! and [`VideoPipeline::error`] says why (`None` after a clean end of stream). Every bus error and
+//! warning is also logged with `tracing`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use gstreamer as gst;
+use gstreamer::glib;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+use tokio::sync::mpsc;
+
+/// Largest RTP packet the payloaders produce: leaves room for SRTP, TURN and VPN overheads under
+/// a 1500-byte path MTU.
+pub const RTP_MTU: u32 = 1200;
+
+/// Dynamic RTP payload type used for both codecs; the WebRTC side rewrites it to the negotiated one.
+pub const RTP_PAYLOAD_TYPE: u32 = 96;
+
+/// Forced keyframes are at most this close together (ns): a burst of PLIs from several viewers
+/// costs one keyframe per interval instead of one per request. Later requests wait, not vanish.
+const MIN_FORCED_KEYFRAME_INTERVAL_NS: u64 = 250_000_000;
+
+/// Name of the application message that tells the bus thread to finish.
+const STOP_MESSAGE: &str = "tether-stop";
+
+/// Why a pipeline could not be built, started, or kept running.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MediaError {
+    /// `gst_init` failed: the GStreamer libraries are missing or broken.
+    #[error(
+        "GStreamer could not be initialised ({reason}): install the Debian packages libgstreamer1.0-0 and gstreamer1.0-plugins-base"
+    )]
+    Init { reason: String },
+    /// A GStreamer element the pipeline needs is not installed.
+    #[error("GStreamer element `{element}` (plugin {plugin}) is missing: install the Debian package {package}")]
+    MissingElement { element: &'static str, plugin: &'static str, package: &'static str },
+    /// A video source string (config or flag) could not be parsed.
+    #[error("invalid video source `{input}`: {reason}")]
+    InvalidSource { input: String, reason: &'static str },
+    /// A codec name other than `h264` or `vp8`.
+    #[error("unknown video codec `{0}`: expected h264 or vp8")]
+    InvalidCodec(String),
+    /// Settings that no pipeline can satisfy (zero size, min bitrate above max, ...).
+    #[error("invalid video settings: {0}")]
+    InvalidSettings(String),
+    /// The V4L2 device named in the settings does not exist.
+    #[error("V4L2 camera {} does not exist (is the camera plugged in, and is the path right?)", .path.display())]
+    DeviceNotFound { path: PathBuf },
+    /// The file source names a file that does not exist.
+    #[error("video file {} does not exist", .path.display())]
+    FileNotFound { path: PathBuf },
+    /// The pipeline could not be assembled (elements refused to link).
+    #[error("could not build the video pipeline: {0}")]
+    Build(String),
+    /// An element reported an error while starting or streaming.
+    #[error("GStreamer element `{element}` failed: {message}")]
+    Pipeline { element: String, message: String, debug: Option<String> },
+}
+
+/// Initialises GStreamer once per process; later calls return the first call's result.
+pub fn init() -> Result<(), MediaError> {
+    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| gst::init().map_err(|e| e.to_string())).clone().map_err(|reason| MediaError::Init { reason })
+}
+
+/// Video codec sent to the browser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Codec {
+    /// H.264 constrained baseline (profile-level-id 42e01f): every browser decodes it, often in hardware.
+    #[default]
+    H264,
+    /// VP8: software everywhere, but resilient and royalty free.
+    Vp8,
+}
+
+impl Codec {
+    /// The WebRTC codec MIME type (`RTCRtpCodecCapability::mime_type`).
+    pub fn mime(&self) -> &'static str {
+        match self {
+            Codec::H264 => "video/H264",
+            Codec::Vp8 => "video/VP8",
+        }
+    }
+}
+
+impl FromStr for Codec {
+    type Err = MediaError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "h264" | "h.264" | "avc" => Ok(Codec::H264),
+            "vp8" => Ok(Codec::Vp8),
+            _ => Err(MediaError::InvalidCodec(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Codec::H264 => "h264",
+            Codec::Vp8 => "vp8",
+        })
+    }
+}
+
+/// Where the frames come from.
+///
+/// Parsed from the strings used in config and flags: `testpattern`, `v4l2:/dev/video0` (or just
+/// `/dev/video0`), `rtsp://camera/stream`, `file:/path/clip.mp4`. `Display` writes the same form back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Source {
+    /// `videotestsrc` with the wall-clock time (UTC, milliseconds) burnt in, so glass-to-glass
+    /// latency can be read off a received frame.
+    #[default]
+    TestPattern,
+    /// A V4L2 camera (`v4l2src`).
+    V4l2 { device: PathBuf },
+    /// An IP camera's RTSP stream, decoded and re-encoded (`rtspsrc latency=0 ! decodebin`).
+    Rtsp { url: String },
+    /// A media file, played once in real time (`filesrc ! decodebin`).
+    File { path: PathBuf },
+}
+
+const SOURCE_FORMS: &str =
+    "expected testpattern, v4l2:/dev/videoN, /dev/videoN, rtsp://host/path or file:/path/clip.mp4";
+
+impl FromStr for Source {
+    type Err = MediaError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let input = s.trim();
+        let invalid = |reason| MediaError::InvalidSource { input: s.to_string(), reason };
+        if input.is_empty() {
+            return Err(invalid(
+                "the source is empty; expected testpattern, v4l2:/dev/videoN, rtsp://... or file:/path",
+            ));
+        }
+        if input.eq_ignore_ascii_case("testpattern") || input.eq_ignore_ascii_case("test-pattern") {
+            return Ok(Source::TestPattern);
+        }
+        if let Some(device) = input.strip_prefix("v4l2:") {
+            let device = device.strip_prefix("//").unwrap_or(device);
+            if device.is_empty() {
+                return Err(invalid("v4l2: needs a device path, e.g. v4l2:/dev/video0"));
+            }
+            if !device.starts_with('/') {
+                return Err(invalid("the V4L2 device must be an absolute path, e.g. v4l2:/dev/video0"));
+            }
+            return Ok(Source::V4l2 { device: PathBuf::from(device) });
+        }
+        if input.starts_with("/dev/") {
+            return Ok(Source::V4l2 { device: PathBuf::from(input) });
+        }
+        let lower = input.to_ascii_lowercase();
+        if lower.starts_with("rtsp://") || lower.starts_with("rtsps://") || lower.starts_with("rtspt://") {
+            let rest = &input[input.find("://").map_or(0, |i| i + 3)..];
+            if rest.is_empty() || rest.starts_with('/') {
+                return Err(invalid("the RTSP URL has no host, e.g. rtsp://192.0.2.10:554/stream"));
+            }
+            return Ok(Source::Rtsp { url: input.to_string() });
+        }
+        if let Some(path) = input.strip_prefix("file:") {
+            // Accept both `file:/p` and the URI form `file:///p`.
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(invalid("file: needs a path, e.g. file:/srv/clip.mp4"));
+            }
+            return Ok(Source::File { path: PathBuf::from(path) });
+        }
+        Err(invalid(SOURCE_FORMS))
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::TestPattern => f.write_str("testpattern"),
+            Source::V4l2 { device } => write!(f, "v4l2:{}", device.display()),
+            Source::Rtsp { url } => f.write_str(url),
+            Source::File { path } => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+/// Everything a pipeline is built from; the device agent fills it from its config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VideoSettings {
+    /// Where frames come from.
+    pub source: Source,
+    /// Codec offered to the browser.
+    pub codec: Codec,
+    /// Encoded width in pixels (the source is scaled, letterboxed if its aspect differs).
+    pub width: u32,
+    /// Encoded height in pixels.
+    pub height: u32,
+    /// Encoded frames per second (the source's frames are dropped or duplicated to match).
+    pub framerate: u32,
+    /// Bitrate at start, before the receiver's estimate arrives, in kbit/s.
+    pub bitrate_kbps: u32,
+    /// Floor for [`VideoPipeline::set_bitrate`]: below it the picture is not worth sending.
+    pub min_bitrate_kbps: u32,
+    /// Ceiling for [`VideoPipeline::set_bitrate`]: what the uplink is allowed to carry.
+    pub max_bitrate_kbps: u32,
+}
+
+impl Default for VideoSettings {
+    fn default() -> Self {
+        VideoSettings {
+            source: Source::TestPattern,
+            codec: Codec::H264,
+            width: 640,
+            height: 480,
+            framerate: 30,
+            bitrate_kbps: 1_000,
+            min_bitrate_kbps: 150,
+            max_bitrate_kbps: 4_000,
+        }
+    }
+}
+
+impl VideoSettings {
+    /// Checks what GStreamer would otherwise reject later, with less helpful words.
+    pub fn validate(&self) -> Result<(), MediaError> {
+        let bad = |m: String| Err(MediaError::InvalidSettings(m));
+        if self.width < 16 || self.height < 16 || self.width > 7680 || self.height > 4320 {
+            return bad(format!("size {}x{} is outside 16x16..7680x4320", self.width, self.height));
+        }
+        if !self.width.is_multiple_of(2) || !self.height.is_multiple_of(2) {
+            return bad(format!("size {}x{} must be even (4:2:0 chroma)", self.width, self.height));
+        }
+        if self.framerate == 0 || self.framerate > 120 {
+            return bad(format!("frame rate {} is outside 1..=120", self.framerate));
+        }
+        if self.min_bitrate_kbps == 0 || self.min_bitrate_kbps > self.max_bitrate_kbps {
+            return bad(format!(
+                "bitrate bounds {}..{} kbit/s must satisfy 0 < min <= max",
+                self.min_bitrate_kbps, self.max_bitrate_kbps
+            ));
+        }
+        if self.max_bitrate_kbps > 100_000 {
+            return bad(format!("max bitrate {} kbit/s is above 100000", self.max_bitrate_kbps));
+        }
+        Ok(())
+    }
+
+    fn clamp_bitrate(&self, kbps: u32) -> u32 {
+        kbps.clamp(self.min_bitrate_kbps, self.max_bitrate_kbps)
+    }
+
+    /// Frames between forced keyframes: two seconds, so a lost keyframe costs at most that long
+    /// even when the receiver never sends a PLI.
+    fn keyframe_interval(&self) -> u32 {
+        self.framerate * 2
+    }
+}
+
+/// Counters since [`VideoPipeline::start`]; cheap to read, safe to poll from a stats task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct PipelineStats {
+    /// RTP packets handed to the channel.
+    pub packets: u64,
+    /// Bytes of those packets (RTP header included).
+    pub bytes: u64,
+    /// Packets dropped because the channel was full or already closed.
+    pub dropped_packets: u64,
+    /// Calls to [`VideoPipeline::request_keyframe`].
+    pub keyframes_requested: u64,
+    /// Bitrate currently asked of the encoder, in kbit/s.
+    pub bitrate_kbps: u32,
+    /// The source reached its end (a file source played out).
+    pub ended: bool,
+    /// The pipeline died; [`VideoPipeline::error`] says why.
+    pub failed: bool,
+}
+
+/// An encoder the pipeline knows how to configure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoder {
+    Vaapi,
+    V4l2,
+    Nvenc,
+    X264,
+    Vp8,
+}
+
+impl Encoder {
+    /// Hardware H.264 encoders, best first; x264enc is the fallback.
+    const HARDWARE_H264: [Encoder; 3] = [Encoder::Vaapi, Encoder::V4l2, Encoder::Nvenc];
+
+    fn factory(self) -> &'static str {
+        match self {
+            Encoder::Vaapi => "vaapih264enc",
+            Encoder::V4l2 => "v4l2h264enc",
+            Encoder::Nvenc => "nvh264enc",
+            Encoder::X264 => "x264enc",
+            Encoder::Vp8 => "vp8enc",
+        }
+    }
+
+    fn configure(self, enc: &gst::Element, settings: &VideoSettings, kbps: u32) {
+        let gop = u64::from(settings.keyframe_interval());
+        set_number(enc, "min-force-key-unit-interval", MIN_FORCED_KEYFRAME_INTERVAL_NS);
+        match self {
+            Encoder::X264 => {
+                set_str(enc, "tune", "zerolatency");
+                set_str(enc, "speed-preset", "ultrafast");
+                set_number(enc, "key-int-max", gop);
+                set_number(enc, "bframes", 0);
+            }
+            Encoder::Vaapi => {
+                set_str(enc, "rate-control", "cbr");
+                set_number(enc, "keyframe-period", gop);
+                set_number(enc, "max-bframes", 0);
+            }
+            Encoder::Nvenc => {
+                set_str(enc, "preset", "low-latency-hq");
+                set_str(enc, "rc-mode", "cbr");
+                set_number(enc, "gop-size", gop);
+                set_number(enc, "bframes", 0);
+                set_bool(enc, "zerolatency", true);
+            }
+            Encoder::V4l2 => {}
+            Encoder::Vp8 => {
+                set_number(enc, "deadline", 1);
+                set_number(enc, "cpu-used", 8);
+                set_str(enc, "end-usage", "cbr");
+                set_number(enc, "lag-in-frames", 0);
+                set_number(enc, "keyframe-max-dist", gop);
+                set_str(enc, "error-resilient", "default");
+            }
+        }
+        self.apply_bitrate(enc, settings, kbps);
+    }
+
+    fn apply_bitrate(self, enc: &gst::Element, settings: &VideoSettings, kbps: u32) {
+        let applied = match self {
+            Encoder::X264 | Encoder::Vaapi | Encoder::Nvenc => set_number(enc, "bitrate", u64::from(kbps)),
+            Encoder::Vp8 => set_number(enc, "target-bitrate", u64::from(kbps) * 1000),
+            Encoder::V4l2 => {
+                let controls = gst::Structure::builder("controls")
+                    .field("video_bitrate", (kbps * 1000) as i32)
+                    .field("h264_i_frame_period", settings.keyframe_interval() as i32)
+                    .build();
+                enc.find_property("extra-controls").is_some() && {
+                    enc.set_property("extra-controls", controls);
+                    true
+                }
+            }
+        };
+        if !applied {
+            tracing::warn!(encoder = self.factory(), kbps, "encoder has no bitrate property; bitrate unchanged");
+        }
+    }
+
+    fn bitrate_kbps(self, enc: &gst::Element) -> Option<u32> {
+        let (name, divisor) = match self {
+            Encoder::X264 | Encoder::Vaapi | Encoder::Nvenc => ("bitrate", 1),
+            Encoder::Vp8 => ("target-bitrate", 1000),
+            Encoder::V4l2 => return None,
+        };
+        enc.find_property(name)?;
+        let value = enc.property_value(name);
+        let raw = value.get::<u32>().map(u64::from).or_else(|_| value.get::<i32>().map(|v| v.max(0) as u64)).ok()?;
+        u32::try_from(raw / divisor).ok()
+    }
+}
+
+/// Sets a numeric property whatever its integer type, clamped to the property's range: GLib
+/// panics on out-of-range values and encoders differ in how they declare them.
+fn set_number(element: &gst::Element, name: &str, value: u64) -> bool {
+    let Some(pspec) = element.find_property(name) else {
+        return false;
+    };
+    let v = value.min(i64::MAX as u64) as i64;
+    let value = if let Some(p) = pspec.downcast_ref::<glib::ParamSpecUInt>() {
+        (v.clamp(i64::from(p.minimum()), i64::from(p.maximum())) as u32).to_value()
+    } else if let Some(p) = pspec.downcast_ref::<glib::ParamSpecInt>() {
+        (v.clamp(i64::from(p.minimum()), i64::from(p.maximum())) as i32).to_value()
+    } else if let Some(p) = pspec.downcast_ref::<glib::ParamSpecUInt64>() {
+        (v as u64).clamp(p.minimum(), p.maximum()).to_value()
+    } else if let Some(p) = pspec.downcast_ref::<glib::ParamSpecInt64>() {
+        v.clamp(p.minimum(), p.maximum()).to_value()
+    } else {
+        tracing::warn!(element = %element.name(), property = name, "property is not an integer; not set");
+        return false;
+    };
+    element.set_property_from_value(name, &value);
+    true
+}
+
+fn set_bool(element: &gst::Element, name: &str, value: bool) {
+    if element.find_property(name).is_some_and(|p| p.value_type() == glib::Type::BOOL) {
+        element.set_property(name, value);
+    }
+}
+
+/// Sets an enum or flags property by its nick, skipping (with a warning) what this version of the
+/// element does not have, rather than panicking as `set_property_from_str` would.
+fn set_str(element: &gst::Element, name: &str, nick: &str) {
+    let Some(pspec) = element.find_property(name) else {
+        tracing::warn!(element = %element.name(), property = name, "no such property; not set");
+        return;
+    };
+    let ty = pspec.value_type();
+    let value = if ty.is_a(glib::Type::ENUM) {
+        glib::EnumClass::with_type(ty).and_then(|c| c.to_value_by_nick(nick))
+    } else if ty.is_a(glib::Type::FLAGS) {
+        glib::FlagsClass::with_type(ty).and_then(|c| c.to_value_by_nick(nick))
+    } else if ty == glib::Type::STRING {
+        Some(nick.to_value())
+    } else {
+        None
+    };
+    match value {
+        Some(value) => element.set_property_from_value(name, &value),
+        None => tracing::warn!(element = %element.name(), property = name, nick, "value not accepted; not set"),
+    }
+}
+
+/// The plugin and Debian package that provide an element, for [`MediaError::MissingElement`].
+fn provider(element: &str) -> (&'static str, &'static str) {
+    match element {
+        "capsfilter" | "queue" | "filesrc" => ("coreelements", "libgstreamer1.0-0"),
+        "videotestsrc" => ("videotestsrc", "gstreamer1.0-plugins-base"),
+        "videoconvert" => ("videoconvert", "gstreamer1.0-plugins-base"),
+        "videoscale" => ("videoscale", "gstreamer1.0-plugins-base"),
+        "videorate" => ("videorate", "gstreamer1.0-plugins-base"),
+        "appsink" => ("app", "gstreamer1.0-plugins-base"),
+        "decodebin" => ("playback", "gstreamer1.0-plugins-base"),
+        "textoverlay" => ("pango", "gstreamer1.0-x"),
+        "v4l2src" | "v4l2h264enc" => ("video4linux2", "gstreamer1.0-plugins-good"),
+        "rtspsrc" => ("rtsp", "gstreamer1.0-plugins-good"),
+        "rtph264pay" | "rtpvp8pay" => ("rtp", "gstreamer1.0-plugins-good"),
+        "vp8enc" => ("vpx", "gstreamer1.0-plugins-good"),
+        "h264parse" => ("videoparsersbad", "gstreamer1.0-plugins-bad"),
+        "nvh264enc" => ("nvcodec", "gstreamer1.0-plugins-bad"),
+        "x264enc" => ("x264", "gstreamer1.0-plugins-ugly"),
+        "vaapih264enc" => ("vaapi", "gstreamer1.0-vaapi"),
+        _ => ("unknown", "gstreamer1.0-plugins-base"),
+    }
+}
+
+/// Creates an element, or says which package to install when its plugin is missing.
+fn make(factory: &'static str, name: &str) -> Result<gst::Element, MediaError> {
+    let missing = || {
+        let (plugin, package) = provider(factory);
+        MediaError::MissingElement { element: factory, plugin, package }
+    };
+    if gst::ElementFactory::find(factory).is_none() {
+        return Err(missing());
+    }
+    gst::ElementFactory::make(factory).name(name).build().map_err(|_| missing())
+}
+
+fn element_exists(factory: &str) -> bool {
+    gst::ElementFactory::find(factory).is_some()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// State shared by the appsink callback (streaming thread), the bus thread and the owner.
+#[derive(Default)]
+struct Shared {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    dropped: AtomicU64,
+    keyframes_requested: AtomicU64,
+    bitrate_kbps: AtomicU32,
+    ended: AtomicBool,
+    /// First error the bus reported; later ones are usually its consequences.
+    error: Mutex<Option<MediaError>>,
+    /// The packet channel. Taken (which closes it for the receiver) when the pipeline ends, fails
+    /// or is stopped, so the consumer learns of it from `recv()` returning `None`.
+    sender: Mutex<Option<mpsc::Sender<Bytes>>>,
+}
+
+impl Shared {
+    fn deliver(&self, packet: Bytes) {
+        let len = packet.len() as u64;
+        let sent = match lock(&self.sender).as_ref() {
+            Some(tx) => tx.try_send(packet).is_ok(),
+            None => false,
+        };
+        if sent {
+            self.packets.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.sender).take();
+    }
+
+    fn fail(&self, error: MediaError) {
+        lock(&self.error).get_or_insert(error);
+        self.close();
+    }
+}
+
+/// A running capture -> encode -> RTP pipeline.
+///
+/// Dropping it (or [`stop`](Self::stop)) sets the pipeline to NULL, joins its bus thread and closes
+/// the packet channel. It is `Send + Sync`: share it behind an `Arc` between the RTP forwarder and
+/// the RTCP reader that calls [`set_bitrate`](Self::set_bitrate) and
+/// [`request_keyframe`](Self::request_keyframe).
+pub struct VideoPipeline {
+    pipeline: gst::Pipeline,
+    /// The live encoder, for bitrate changes.
+    encoder: gst::Element,
+    encoder_kind: Encoder,
+    /// Where keyframe requests enter: upstream events sent to the sink travel through the
+    /// payloader and parser, which add the parameter sets the new keyframe needs.
+    appsink: gst::Element,
+    settings: VideoSettings,
+    /// Held while a new bitrate is recorded and applied, so concurrent callers cannot leave the
+    /// encoder on a different value than the one recorded.
+    bitrate_change: Mutex<()>,
+    shared: Arc<Shared>,
+    bus_thread: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for VideoPipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VideoPipeline")
+            .field("source", &self.settings.source)
+            .field("encoder", &self.encoder_kind.factory())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl VideoPipeline {
+    /// Builds and plays the pipeline; every RTP packet (payloaded with MTU 1200) is handed to
+    /// `packets` with `try_send`: a full channel drops the packet and counts it, so the streaming
+    /// thread never blocks.
+    ///
+    /// For H.264 a hardware encoder is used when GStreamer has one (vaapih264enc, v4l2h264enc,
+    /// nvh264enc), falling back to x264enc if it cannot start.
+    pub fn start(settings: &VideoSettings, packets: mpsc::Sender<Bytes>) -> Result<VideoPipeline, MediaError> {
+        init()?;
+        settings.validate()?;
+        match &settings.source {
+            Source::V4l2 { device } if !device.exists() => {
+                return Err(MediaError::DeviceNotFound { path: device.clone() });
+            }
+            Source::File { path } if !path.is_file() => {
+                return Err(MediaError::FileNotFound { path: path.clone() });
+            }
+            _ => {}
+        }
+        let candidates: Vec<Encoder> = match settings.codec {
+            Codec::H264 => Encoder::HARDWARE_H264
+                .into_iter()
+                .filter(|e| element_exists(e.factory()))
+                .chain([Encoder::X264])
+                .collect(),
+            Codec::Vp8 => vec![Encoder::Vp8],
+        };
+        let mut last_error = None;
+        for (i, encoder) in candidates.iter().copied().enumerate() {
+            match Self::try_start(settings, encoder, packets.clone()) {
+                Ok(pipeline) => return Ok(pipeline),
+                Err(error @ MediaError::Pipeline { .. }) if i + 1 < candidates.len() => {
+                    tracing::warn!(encoder = encoder.factory(), %error, "encoder failed to start; trying the next one");
+                    last_error = Some(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| MediaError::Build("no encoder available".into())))
+    }
+
+    fn try_start(
+        settings: &VideoSettings,
+        encoder_kind: Encoder,
+        packets: mpsc::Sender<Bytes>,
+    ) -> Result<VideoPipeline, MediaError> {
+        let shared = Arc::new(Shared::default());
+        *lock(&shared.sender) = Some(packets);
+        let kbps = settings.clamp_bitrate(settings.bitrate_kbps);
+        shared.bitrate_kbps.store(kbps, Ordering::Relaxed);
+
+        let pipeline = gst::Pipeline::with_name("tether-video");
+        let (encoder, appsink) = build(&pipeline, settings, encoder_kind, kbps, &shared)?;
+
+        let bus = pipeline.bus().ok_or_else(|| MediaError::Build("pipeline has no bus".into()))?;
+        if pipeline.set_state(gst::State::Playing).is_err() {
+            // Errors from a failed state change are already on the bus. (Not timed_pop_filtered
+            // with a zero timeout: gstreamer-rs 0.25 gives up before looking.)
+            let error = bus.iter().find_map(|msg| pipeline_error(&msg)).unwrap_or_else(|| MediaError::Pipeline {
+                element: "tether-video".into(),
+                message: "the pipeline refused to start".into(),
+                debug: None,
+            });
+            let _ = pipeline.set_state(gst::State::Null);
+            return Err(error);
+        }
+        let bus_thread = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new().name("tether-gst-bus".into()).spawn(move || watch_bus(&bus, &shared))
+        };
+        let bus_thread = match bus_thread {
+            Ok(thread) => thread,
+            Err(e) => {
+                let _ = pipeline.set_state(gst::State::Null);
+                return Err(MediaError::Build(format!("could not spawn the bus thread: {e}")));
+            }
+        };
+        tracing::info!(
+            source = %settings.source,
+            encoder = encoder_kind.factory(),
+            width = settings.width,
+            height = settings.height,
+            framerate = settings.framerate,
+            kbps,
+            "video pipeline playing"
+        );
+        Ok(VideoPipeline {
+            pipeline,
+            encoder,
+            encoder_kind,
+            appsink,
+            settings: settings.clone(),
+            bitrate_change: Mutex::new(()),
+            shared,
+            bus_thread: Some(bus_thread),
+        })
+    }
+
+    /// Clamps `kbps` to the configured bounds, applies it to the live encoder and returns the value set.
+    pub fn set_bitrate(&self, kbps: u32) -> u32 {
+        let kbps = self.settings.clamp_bitrate(kbps);
+        let _guard = lock(&self.bitrate_change);
+        if self.shared.bitrate_kbps.swap(kbps, Ordering::Relaxed) != kbps {
+            self.encoder_kind.apply_bitrate(&self.encoder, &self.settings, kbps);
+            tracing::debug!(kbps, "encoder bitrate changed");
+        }
+        kbps
+    }
+
+    /// The bitrate the encoder element reports now, in kbit/s (`None` where the element does not
+    /// expose it as a property, as v4l2h264enc).
+    pub fn encoder_bitrate_kbps(&self) -> Option<u32> {
+        self.encoder_kind.bitrate_kbps(&self.encoder)
+    }
+
+    /// Asks the encoder for a keyframe (with SPS/PPS for H.264) as soon as possible, as a PLI or
+    /// FIR from a receiver requires. Cheap to call on every PLI: forced keyframes are at least
+    /// 250 ms apart, and requests in between are served by the next one.
+    pub fn request_keyframe(&self) {
+        self.shared.keyframes_requested.fetch_add(1, Ordering::Relaxed);
+        let event = gst_video::UpstreamForceKeyUnitEvent::builder().all_headers(true).build();
+        if !self.appsink.send_event(event) {
+            tracing::debug!("force-key-unit event not handled (pipeline not running?)");
+        }
+    }
+
+    /// The encoder's element name: `x264enc`, `vaapih264enc`, `v4l2h264enc`, `nvh264enc` or `vp8enc`.
+    pub fn encoder(&self) -> &str {
+        self.encoder_kind.factory()
+    }
+
+    /// The settings the pipeline was started with.
+    pub fn settings(&self) -> &VideoSettings {
+        &self.settings
+    }
+
+    /// Counters and liveness.
+    pub fn stats(&self) -> PipelineStats {
+        let s = &self.shared;
+        PipelineStats {
+            packets: s.packets.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            dropped_packets: s.dropped.load(Ordering::Relaxed),
+            keyframes_requested: s.keyframes_requested.load(Ordering::Relaxed),
+            bitrate_kbps: s.bitrate_kbps.load(Ordering::Relaxed),
+            ended: s.ended.load(Ordering::Relaxed),
+            failed: lock(&s.error).is_some(),
+        }
+    }
+
+    /// Why the pipeline died, if it did: the first error its bus reported. `None` while it runs
+    /// and after a clean end of stream.
+    pub fn error(&self) -> Option<MediaError> {
+        lock(&self.shared.error).clone()
+    }
+
+    /// Stops the pipeline (to NULL), joins its bus thread and closes the packet channel.
+    pub fn stop(self) {
+        drop(self);
+    }
+
+    fn shutdown(&mut self) {
+        // The bus thread goes first: a pipeline in NULL flushes its bus, which would drop the
+        // stop message.
+        if let Some(thread) = self.bus_thread.take() {
+            if let Some(bus) = self.pipeline.bus() {
+                let _ = bus.post(gst::message::Application::new(gst::Structure::new_empty(STOP_MESSAGE)));
+            }
+            let _ = thread.join();
+        }
+        let _ = self.pipeline.set_state(gst::State::Null);
+        self.shared.close();
+    }
+}
+
+impl Drop for VideoPipeline {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Turns an error message from the bus into a [`MediaError::Pipeline`].
+fn pipeline_error(msg: &gst::Message) -> Option<MediaError> {
+    let gst::MessageView::Error(err) = msg.view() else {
+        return None;
+    };
+    Some(MediaError::Pipeline {
+        element: msg.src().map(|s| s.name().to_string()).unwrap_or_else(|| "tether-video".into()),
+        message: err.error().to_string(),
+        debug: err.debug().map(|d| d.to_string()),
+    })
+}
+
+/// Runs on its own thread until [`VideoPipeline::shutdown`] posts the stop message.
+fn watch_bus(bus: &gst::Bus, shared: &Shared) {
+    while let Some(msg) = bus.timed_pop(gst::ClockTime::NONE) {
+        match msg.view() {
+            gst::MessageView::Application(app) if app.structure().is_some_and(|s| s.name() == STOP_MESSAGE) => {
+                break;
+            }
+            gst::MessageView::Error(_) => {
+                if let Some(error) = pipeline_error(&msg) {
+                    let details = match &error {
+                        MediaError::Pipeline { debug, .. } => debug.clone().unwrap_or_default(),
+                        _ => String::new(),
+                    };
+                    tracing::error!(%error, details, "video pipeline failed");
+                    shared.fail(error);
+                }
+            }
+            gst::MessageView::Warning(w) => {
+                let element = msg.src().map(|s| s.name().to_string()).unwrap_or_default();
+                tracing::warn!(element, warning = %w.error(), debug = ?w.debug(), "video pipeline warning");
+            }
+            gst::MessageView::Eos(_) => {
+                tracing::info!("video source ended");
+                shared.ended.store(true, Ordering::Relaxed);
+                shared.close();
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Adds the elements to `pipeline` and links them; returns the encoder and the appsink.
+fn build(
+    pipeline: &gst::Pipeline,
+    settings: &VideoSettings,
+    encoder_kind: Encoder,
+    kbps: u32,
+    shared: &Arc<Shared>,
+) -> Result<(gst::Element, gst::Element), MediaError> {
+    let link_err = |e: glib::BoolError| MediaError::Build(e.to_string());
+    let add = |elements: &[&gst::Element]| pipeline.add_many(elements.iter().copied()).map_err(link_err);
+
+    // Raw video, scaled and paced to what was asked: the chain every source feeds.
+    let convert = make("videoconvert", "videoconvert")?;
+    let scale = make("videoscale", "videoscale")?;
+    let rate = make("videorate", "videorate")?;
+    let raw_caps = make("capsfilter", "raw-caps")?;
+    raw_caps.set_property(
+        "caps",
+        gst::Caps::builder("video/x-raw")
+            .field("width", settings.width as i32)
+            .field("height", settings.height as i32)
+            .field("framerate", gst::Fraction::new(settings.framerate as i32, 1))
+            .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
+            .build(),
+    );
+    add(&[&convert, &scale, &rate, &raw_caps])?;
+    gst::Element::link_many([&convert, &scale, &rate, &raw_caps]).map_err(link_err)?;
+
+    let live = match &settings.source {
+        Source::TestPattern => {
+            let src = make("videotestsrc", "videotestsrc")?;
+            src.set_property("is-live", true);
+            set_str(&src, "pattern", "smpte");
+            add(&[&src])?;
+            src.link(&convert).map_err(link_err)?;
+            true
+        }
+        Source::V4l2 { device } => {
+            let src = make("v4l2src", "v4l2src")?;
+            src.set_property("device", device.to_string_lossy().as_ref());
+            add(&[&src])?;
+            src.link(&convert).map_err(link_err)?;
+            true
+        }
+        Source::Rtsp { url } => {
+            let src = make("rtspsrc", "rtspsrc")?;
+            src.set_property("location", url.as_str());
+            set_number(&src, "latency", 0);
+            let decode = make("decodebin", "decodebin")?;
+            add(&[&src, &decode])?;
+            link_dynamic(&src, &decode, "application/x-rtp", Some("video"));
+            link_dynamic(&decode, &convert, "video/", None);
+            true
+        }
+        Source::File { path } => {
+            let src = make("filesrc", "filesrc")?;
+            src.set_property("location", path_str(path));
+            let decode = make("decodebin", "decodebin")?;
+            add(&[&src, &decode])?;
+            src.link(&decode).map_err(link_err)?;
+            link_dynamic(&decode, &convert, "video/", None);
+            false
+        }
+    };
+
+    // The test pattern carries the wall-clock time so latency can be read off a received frame.
+    let mut tail = raw_caps.clone();
+    if settings.source == Source::TestPattern {
+        if element_exists("textoverlay") {
+            let overlay = make("textoverlay", "clock-overlay")?;
+            set_str(&overlay, "font-desc", "Monospace Bold 14");
+            set_str(&overlay, "halignment", "left");
+            set_str(&overlay, "valignment", "top");
+            set_bool(&overlay, "shaded-background", true);
+            overlay.set_property("text", wall_clock_text().as_str());
+            stamp_wall_clock(&overlay);
+            let convert2 = make("videoconvert", "videoconvert-overlay")?;
+            add(&[&overlay, &convert2])?;
+            gst::Element::link_many([&tail, &overlay, &convert2]).map_err(link_err)?;
+            tail = convert2;
+        } else {
+            let (_, package) = provider("textoverlay");
+            tracing::warn!(package, "textoverlay is missing: the test pattern has no clock overlay");
+        }
+    }
+
+    // A leaky queue: if the encoder falls behind, old frames are dropped instead of piling up latency.
+    let queue = make("queue", "encoder-queue")?;
+    set_number(&queue, "max-size-buffers", 2);
+    set_number(&queue, "max-size-bytes", 0);
+    set_number(&queue, "max-size-time", 0);
+    set_str(&queue, "leaky", "downstream");
+
+    let encoder = make(encoder_kind.factory(), encoder_kind.factory())?;
+    encoder_kind.configure(&encoder, settings, kbps);
+    let mut chain = vec![queue, encoder.clone()];
+    match settings.codec {
+        Codec::H264 => {
+            let caps = make("capsfilter", "h264-caps")?;
+            caps.set_property(
+                "caps",
+                gst::Caps::builder("video/x-h264")
+                    .field("profile", "constrained-baseline")
+                    .field("stream-format", "byte-stream")
+                    .build(),
+            );
+            let parse = make("h264parse", "h264parse")?;
+            set_number_signed(&parse, "config-interval", -1);
+            let pay = make("rtph264pay", "rtph264pay")?;
+            set_number_signed(&pay, "config-interval", -1);
+            set_str(&pay, "aggregate-mode", "zero-latency");
+            chain.extend([caps, parse, pay]);
+        }
+        Codec::Vp8 => {
+            let pay = make("rtpvp8pay", "rtpvp8pay")?;
+            chain.push(pay);
+        }
+    }
+    let pay = chain.last().cloned().ok_or_else(|| MediaError::Build("empty chain".into()))?;
+    set_number(&pay, "mtu", u64::from(RTP_MTU));
+    set_number(&pay, "pt", u64::from(RTP_PAYLOAD_TYPE));
+
+    let appsink = gst_app::AppSink::builder()
+        .name("rtp-sink")
+        .sync(!live)
+        .drop(true)
+        .max_buffers(8)
+        .enable_last_sample(false)
+        .build();
+    let shared_cb = Arc::clone(shared);
+    appsink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |sink| {
+                let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                if let Some(buffer) = sample.buffer() {
+                    let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
+                    shared_cb.deliver(Bytes::copy_from_slice(map.as_slice()));
+                }
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    let appsink: gst::Element = appsink.upcast();
+    chain.push(appsink.clone());
+
+    add(&chain.iter().collect::<Vec<_>>())?;
+    gst::Element::link_many(std::iter::once(&tail).chain(chain.iter())).map_err(link_err)?;
+    Ok((encoder, appsink))
+}
+
+fn set_number_signed(element: &gst::Element, name: &str, value: i32) {
+    if element.find_property(name).is_some_and(|p| p.value_type() == glib::Type::I32) {
+        element.set_property(name, value);
+    }
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// Links `src`'s pads as they appear (rtspsrc, decodebin) to `sink`, taking the first whose caps
+/// name starts with `caps_prefix` (and, for RTP, whose `media` field matches). Other streams
+/// (audio) stay unlinked and are discarded by their element.
+fn link_dynamic(src: &gst::Element, sink: &gst::Element, caps_prefix: &'static str, media: Option<&'static str>) {
+    let sink = sink.downgrade();
+    src.connect_pad_added(move |src, pad| {
+        let Some(sink) = sink.upgrade() else { return };
+        let caps = pad.current_caps().unwrap_or_else(|| pad.query_caps(None));
+        let Some(s) = caps.structure(0) else { return };
+        if !s.name().starts_with(caps_prefix) {
+            return;
+        }
+        if let Some(media) = media
+            && s.get::<&str>("media").ok() != Some(media)
+        {
+            return;
+        }
+        let Some(sink_pad) = sink.static_pad("sink") else { return };
+        if sink_pad.is_linked() {
+            return;
+        }
+        if let Err(e) = pad.link(&sink_pad) {
+            tracing::warn!(src = %src.name(), pad = %pad.name(), error = ?e, "could not link the new pad");
+        }
+    });
+}
+
+/// Rewrites the overlay's text with the wall-clock time of each frame as it passes.
+fn stamp_wall_clock(overlay: &gst::Element) {
+    let Some(pad) = overlay.static_pad("video_sink") else {
+        return;
+    };
+    let weak = overlay.downgrade();
+    pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+        if let Some(overlay) = weak.upgrade() {
+            overlay.set_property("text", wall_clock_text().as_str());
+        }
+        gst::PadProbeReturn::Ok
+    });
+}
+
+/// `HH:MM:SS.mmm UTC` of now.
+fn wall_clock_text() -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = now.as_secs() % 86_400;
+    format!("{:02}:{:02}:{:02}.{:03} UTC", secs / 3600, (secs / 60) % 60, secs % 60, now.subsec_millis())
+}
+
+/// The payload of an RTP packet: after the fixed header, CSRCs and extension, before padding.
+fn rtp_payload(packet: &[u8]) -> Option<&[u8]> {
+    if packet.len() < 12 || packet[0] >> 6 != 2 {
+        return None;
+    }
+    let csrc_count = usize::from(packet[0] & 0x0f);
+    let mut start = 12 + 4 * csrc_count;
+    if packet[0] & 0x10 != 0 {
+        let ext = packet.get(start..start + 4)?;
+        start += 4 + 4 * usize::from(u16::from_be_bytes([ext[2], ext[3]]));
+    }
+    let mut end = packet.len();
+    if packet[0] & 0x20 != 0 {
+        let padding = usize::from(*packet.last()?);
+        end = end.checked_sub(padding)?;
+    }
+    packet.get(start..end).filter(|p| !p.is_empty())
+}
+
+/// Whether an H.264 RTP packet (RFC 6184) starts a keyframe: it carries an IDR slice (type 5) or a
+/// sequence parameter set (type 7), alone, inside a STAP-A, or as the first fragment of a FU-A.
+pub fn h264_rtp_is_keyframe(rtp_packet: &[u8]) -> bool {
+    const IDR: u8 = 5;
+    const SPS: u8 = 7;
+    const STAP_A: u8 = 24;
+    const FU_A: u8 = 28;
+    let Some(payload) = rtp_payload(rtp_packet) else {
+        return false;
+    };
+    let is_key = |nal_type: u8| nal_type == IDR || nal_type == SPS;
+    match payload[0] & 0x1f {
+        t @ 1..=23 => is_key(t),
+        STAP_A => {
+            let mut rest = &payload[1..];
+            while rest.len() >= 2 {
+                let size = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                let Some(nal) = rest.get(2..2 + size) else {
+                    return false;
+                };
+                if nal.first().is_some_and(|h| is_key(h & 0x1f)) {
+                    return true;
+                }
+                rest = &rest[2 + size..];
+            }
+            false
+        }
+        FU_A => payload.get(1).is_some_and(|fu| fu & 0x80 != 0 && is_key(fu & 0x1f)),
+        _ => false,
+    }
+}
+
+/// Whether a VP8 RTP packet (RFC 7741) starts a key frame: the payload descriptor's S bit is set
+/// with partition 0, and the VP8 frame tag's P bit is 0 with the key frame start code after it.
+pub fn vp8_rtp_is_keyframe(rtp_packet: &[u8]) -> bool {
+    let Some(payload) = rtp_payload(rtp_packet) else {
+        return false;
+    };
+    let first = payload[0];
+    let start_of_partition = first & 0x10 != 0;
+    let partition = first & 0x07;
+    if !start_of_partition || partition != 0 {
+        return false;
+    }
+    let mut at = 1;
+    if first & 0x80 != 0 {
+        let Some(&ext) = payload.get(1) else {
+            return false;
+        };
+        at = 2;
+        if ext & 0x80 != 0 {
+            // PictureID: 7 bits, or 15 when its M bit is set.
+            let Some(&pid) = payload.get(at) else {
+                return false;
+            };
+            at += if pid & 0x80 != 0 { 2 } else { 1 };
+        }
+        if ext & 0x40 != 0 {
+            at += 1; // TL0PICIDX
+        }
+        if ext & 0x30 != 0 {
+            at += 1; // TID / Y / KEYIDX
+        }
+    }
+    let Some(frame) = payload.get(at..) else {
+        return false;
+    };
+    // Key frame: P bit clear, then three bytes of tag and the start code 9d 01 2a.
+    frame.len() >= 6 && frame[0] & 0x01 == 0 && frame[3..6] == [0x9d, 0x01, 0x2a]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wall_clock_text_has_milliseconds() {
+        let text = wall_clock_text();
+        assert_eq!(text.len(), "00:00:00.000 UTC".len(), "{text}");
+        assert_eq!(&text[8..9], ".");
+    }
+
+    #[test]
+    fn provider_names_debian_packages() {
+        assert_eq!(provider("x264enc"), ("x264", "gstreamer1.0-plugins-ugly"));
+        assert_eq!(provider("textoverlay").1, "gstreamer1.0-x");
+    }
+}
