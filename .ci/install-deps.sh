@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # Video: GStreamer's development files and the plugins for capture, encoding and RTP.
 PACKAGES=(build-essential pkg-config curl chromium fonts-dejavu-core
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base gstreamer1.0-plugins-good
-  gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-tools)
+  gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-tools gstreamer1.0-x)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
