@@ -5,7 +5,8 @@
 import * as api from './js/api.js';
 import { LiveClient } from './js/live.js';
 import { DeviceTelemetry } from './js/telemetry.js';
-import { clockTime } from './js/format.js';
+import { clockTime, formatBitrate, formatMs, formatPercent, formatRate } from './js/format.js';
+import { VideoLink, VideoPanel } from './js/video.js';
 import {
   $, DeviceView, FleetView, describeFrame, renderConn, renderDropped, renderRtt, renderUser,
   setLoginBusy, showLoginError, showScreen, toast,
@@ -52,6 +53,15 @@ const fleetView = new FleetView((id) => {
   location.hash = `#/device/${encodeURIComponent(id)}`;
 });
 const deviceView = new DeviceView();
+// Video rides on the live connection: it sends through it and hears about its ups and downs.
+const videoLink = new VideoLink({
+  send: (msg) => !!state.live && state.live.send(msg),
+  relayUp: () => !!state.live && state.live.connected,
+  relaySession: () => (state.live ? state.live.session : null),
+  log: (kind, text) => logEvent(kind, 'video', text),
+});
+// The panel renders the link into #video-panel; it lives as long as the page.
+new VideoPanel(videoLink, { formatBitrate, formatMs, formatPercent, formatRate });
 
 // ---- login / logout ---------------------------------------------------------------------------
 
@@ -231,6 +241,7 @@ function openDevice(id) {
   state.deviceOnline = null;
   state.sub = { state: state.live && state.live.connected ? 'pending' : 'waiting' };
   deviceView.reset(id);
+  videoLink.attach(id);
   const d = state.devicesById.get(id);
   deviceView.renderHeader(d ?? { name: id }, state.sub);
   if (d) setDeviceOnline(d.online, null);
@@ -240,6 +251,8 @@ function openDevice(id) {
 }
 
 function closeDevice() {
+  // Leaving the view ends its video: `bye` to the device, peer closed.
+  videoLink.stop('closed');
   if (state.live && state.deviceID) state.live.unsubscribe(state.deviceID);
   state.deviceID = null;
   state.tel = null;
@@ -287,6 +300,7 @@ function onConnStatus(status) {
     state.sub.state = 'waiting';
     deviceView.renderHeader(null, state.sub);
   }
+  if (status.state !== 'connected') videoLink.relayDown();
   if (prev === 'connected' && status.state !== 'connected' && status.state !== 'stopped') {
     logEvent('warn', 'link', `connection to the relay lost${status.reason ? ` (${status.reason})` : ''}`);
   }
@@ -302,6 +316,7 @@ function onAuthOk(payload) {
     state.sub.state = 'pending';
     deviceView.renderHeader(null, state.sub);
   }
+  videoLink.relayUp();
 }
 
 function onBadFrame({ error, sample }) {
@@ -311,6 +326,8 @@ function onBadFrame({ error, sample }) {
 
 function onMessage(msg) {
   const p = msg.payload;
+  // Video signaling, and the relay's (or an old agent's) answers to video offers.
+  if (videoLink.handle(msg)) return;
   switch (msg.type) {
     case 'telemetry':
       onTelemetry(msg);

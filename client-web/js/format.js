@@ -174,3 +174,18 @@ export function formatRate(fps) {
   if (!isFiniteNumber(fps)) return DASH;
   return fps < 10 ? `${fps.toFixed(1)}/s` : `${Math.round(fps)}/s`;
 }
+
+/** Bits per second: "850 kbit/s", "2.4 Mbit/s"; "—" when absent. */
+export function formatBitrate(bps) {
+  if (!isFiniteNumber(bps)) return DASH;
+  if (bps < 0) bps = 0;
+  if (bps >= 1e6) return `${(bps / 1e6).toFixed(bps >= 1e7 ? 0 : 1)} Mbit/s`;
+  return `${Math.round(bps / 1000)} kbit/s`;
+}
+
+/** A percentage: "0 %", "0.4 %", "12 %"; "—" when absent. */
+export function formatPercent(pct) {
+  if (!isFiniteNumber(pct)) return DASH;
+  if (pct === 0) return '0 %';
+  return pct < 10 ? `${pct.toFixed(1)} %` : `${Math.round(pct)} %`;
+}

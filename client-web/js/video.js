@@ -1,0 +1,698 @@
+// Live video from the open device, peer to peer, signaled over the console's one WebSocket to
+// the relay (protocol section 4.13, `webrtc`).
+//
+// VideoLink owns the RTCPeerConnection and the signaling of one session at a time; it has no
+// DOM and reports through events:
+//
+//   change   its snapshot() changed (state, ICE, timings, the reason a session ended)
+//   stream   {stream} a MediaStream to play, or null when there is nothing to play
+//   stats    the figures of the latest getStats() sample (once a second while a peer exists)
+//
+// VideoPanel renders a VideoLink into the #video-panel skeleton of index.html, plays the
+// stream and exposes what tests read as data-* attributes on the panel.
+//
+// How a session goes: start() picks a fresh sessionID, creates a peer with one receive-only
+// video transceiver, sends the `offer` (the only message with a correlationID, so the relay's
+// `ack`/`error` and an old agent's `command_result` can be matched to it) and trickles its ICE
+// candidates as the browser finds them. The device answers and trickles its own; candidates
+// that arrive before the answer is applied wait in a buffer. After a network blip (ICE
+// `disconnected` for a few seconds, or `failed`) the same session is renegotiated with an ICE
+// restart offer. When the relay link drops, the relay ends the session (the device hears
+// `pilot_left`), so once the console is connected again a new session starts if video was on.
+// A `bye` from the relay or the device ends the session with its reason; Start begins again.
+
+/** ICE `disconnected` for this long (a blip that did not heal by itself) triggers a restart. */
+const DISCONNECTED_GRACE_MS = 3000;
+/** A session that is not connected this long after its answer is restarted. */
+const CONNECT_TIMEOUT_MS = 15000;
+/** After an ICE restart, the next one if still not connected: doubling up to the maximum. */
+const RESTART_BASE_MS = 5000;
+const RESTART_MAX_MS = 30000;
+/** The device must answer an offer within this (an agent without video never does). */
+const ANSWER_TIMEOUT_MS = 15000;
+const STATS_EVERY_MS = 1000;
+/** No new frame for this long while connected is shown as a frozen picture. */
+const STALL_MS = 2500;
+
+/** Why a session ended, for people. Unknown reasons are shown as they came. */
+const BYE_REASONS = {
+  device_offline: 'the device went offline',
+  pilot_left: 'the relay ended the session (this console was disconnected)',
+  video_disabled: 'video is turned off on this device (video.enabled in its config)',
+  video_unavailable: 'the device cannot produce video right now',
+  negotiation_failed: 'the device could not negotiate a stream with this browser',
+  invalid_offer: "the device refused this browser's offer",
+  no_answer: 'the device did not answer the offer',
+  unsupported: 'this device agent does not support video',
+  target_offline: 'the device is not connected',
+  forbidden: 'you are not allowed to view this device',
+  unknown_target: 'the device is not in your organisation',
+  peer_error: 'this browser could not set up the connection',
+};
+
+/** A readable sentence for an end reason and the optional detail that came with it. */
+export function describeEnd(reason, message) {
+  const base = BYE_REASONS[reason] ?? (reason ? `reason "${reason}"` : 'no reason given');
+  return message ? `${base} (${message})` : base;
+}
+
+/** A session id no other console will pick: 16 random hex digits (works without HTTPS). */
+function newSessionID() {
+  const b = new Uint8Array(8);
+  crypto.getRandomValues(b);
+  return `v-${Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('')}`;
+}
+
+const num = (x) => (typeof x === 'number' && Number.isFinite(x) ? x : null);
+
+/** "H264 42e01f", "VP8": the codec stats entry's MIME subtype and H.264 profile. */
+function describeCodec(codec) {
+  const name = String(codec.mimeType || '?').replace(/^video\//i, '');
+  const profile = /profile-level-id=([0-9a-f]+)/i.exec(codec.sdpFmtpLine || '');
+  return profile ? `${name} ${profile[1]}` : name;
+}
+
+/** The ICE servers in an `auth_ok` payload, if the relay ever provides any: none otherwise. */
+function iceServersFrom(session) {
+  const list = session && Array.isArray(session.iceServers) ? session.iceServers : [];
+  return list.filter((s) => s && (typeof s.urls === 'string' || Array.isArray(s.urls)));
+}
+
+export class VideoLink extends EventTarget {
+  /**
+   * @param {object} opts
+   * @param {(msg: object) => boolean} opts.send      sends one message on the relay socket
+   * @param {() => boolean} opts.relayUp              whether the relay socket is connected
+   * @param {() => object|null} opts.relaySession     the current `auth_ok` payload
+   * @param {(kind: string, text: string) => void} [opts.log]  kind: system | warn | error
+   */
+  constructor({ send, relayUp, relaySession, log = () => {} }) {
+    super();
+    this._send = send;
+    this._relayUp = relayUp;
+    this._relaySession = relaySession;
+    this._log = log;
+    this.deviceID = null;
+    /** Whether the user wants video: survives relay reconnects, cleared by stop() and bye. */
+    this.wanted = false;
+    this.state = 'off'; // off | starting | connecting | live | recovering | waiting | ended
+    this.detail = '';
+    this.endReason = null;
+    this.endMessage = null;
+    this.sessions = 0; // sessions started since the device was opened
+    this.s = null; // the current session, see _begin()
+    /** Ids of the last few sessions, to recognise the relay's refusals of their late messages. */
+    this.recent = new Set();
+  }
+
+  // ---- public API -------------------------------------------------------------------------
+
+  /** A newly opened device: forgets everything about the previous one. */
+  attach(deviceID) {
+    this.stop('closed');
+    this.deviceID = deviceID;
+    this.endReason = this.endMessage = null;
+    this.sessions = 0;
+    this._set('off', '');
+  }
+
+  /** Start pressed. */
+  start() {
+    if (!this.deviceID) return;
+    this.wanted = true;
+    this.endReason = this.endMessage = null;
+    this._begin(performance.now());
+  }
+
+  /** Stop pressed (`stopped`) or the view closed (`closed`): says `bye` and closes the peer. */
+  stop(reason = 'stopped') {
+    this.wanted = false;
+    const s = this.s;
+    if (s && !s.relayLost) this._send({ type: 'webrtc', clientID: this.deviceID, payload: { subtype: 'bye', sessionID: s.id, reason } });
+    this._close();
+    if (this.deviceID) this._set('off', '');
+  }
+
+  /** The relay socket went down: the relay ends our session, so wait for it to come back. */
+  relayDown() {
+    const s = this.s;
+    if (!s || s.relayLost) return;
+    s.relayLost = true;
+    clearTimeout(s.timers.restart);
+    clearTimeout(s.timers.answer);
+    if (this.wanted) {
+      this._log('warn', 'relay connection lost: a new video session starts when it is back');
+      this._set('waiting', 'waiting for the relay connection');
+    }
+  }
+
+  /** The relay socket is up again (`auth_ok`): a new session if video was on. */
+  relayUp() {
+    if (this.wanted && (!this.s || this.s.relayLost)) {
+      this._log('system', 'relay connection back: starting a new video session');
+      this._begin(performance.now());
+    }
+  }
+
+  /**
+   * A message from the relay. Returns true when it belonged to video (the caller then does
+   * not report it elsewhere): `webrtc` from the open device, and `ack`/`error`/`command_result`
+   * answering one of our offers.
+   */
+  handle(msg) {
+    const p = msg.payload || {};
+    if (msg.type === 'webrtc') {
+      // Every `webrtc` message is video's; only the open device's current session acts.
+      if (msg.from !== undefined && msg.from !== this.deviceID) return true;
+      const s = this.s;
+      // Late messages of a session already ended are expected (a candidate in flight): drop.
+      if (!s || p.sessionID !== s.id) return true;
+      this._onSignal(s, p);
+      return true;
+    }
+    const s = this.s;
+    if (msg.type === 'error' && !msg.correlationID && typeof p.message === 'string' && [...this.recent].some((id) => p.message.includes(id))) {
+      // A candidate that crossed the session's end on the wire ("no session ..."): expected.
+      console.debug('relay refused a message of an ended video session:', p.message);
+      return true;
+    }
+    if (!s || !msg.correlationID || !s.offers.has(msg.correlationID)) return false;
+    if (msg.type === 'ack') {
+      if (this.state === 'starting' && p.status === 'delivered') this._set('starting', "offer delivered, waiting for the device's answer");
+      return true;
+    }
+    if (msg.type === 'error') {
+      this._end(typeof p.code === 'string' ? p.code : 'error', typeof p.message === 'string' ? p.message : null);
+      return true;
+    }
+    if (msg.type === 'command_result' && p.ok === false) {
+      // An agent that predates video refuses `webrtc` like any unknown request.
+      this._end(typeof p.code === 'string' ? p.code : 'unsupported', typeof p.message === 'string' ? p.message : null);
+      return true;
+    }
+    return false;
+  }
+
+  /** The player presented its first frame of the current session. */
+  firstFrame(at = performance.now()) {
+    const s = this.s;
+    if (!s || s.t.firstFrame != null) return;
+    s.t.firstFrame = at;
+    this._log('system', `first video frame ${Math.round(at - s.t.click)} ms after start`);
+    this._emit('change');
+  }
+
+  /** Everything the panel shows, as plain data. */
+  snapshot() {
+    const s = this.s;
+    const since = (t) => (s && t != null ? t - s.t.click : null);
+    return {
+      deviceID: this.deviceID,
+      state: this.state,
+      detail: this.detail,
+      wanted: this.wanted,
+      sessionID: s ? s.id : null,
+      connectionState: s ? s.pc.connectionState : null,
+      iceState: s ? s.pc.iceConnectionState : null,
+      iceRestarts: s ? s.restarts : 0,
+      endReason: this.endReason,
+      endMessage: this.endMessage,
+      sessions: this.sessions,
+      timings: {
+        answerMs: since(s && s.t.answer),
+        connectedMs: since(s && s.t.connected),
+        firstFrameMs: since(s && s.t.firstFrame),
+      },
+      stats: s ? s.stats : null,
+    };
+  }
+
+  // ---- session lifecycle ------------------------------------------------------------------
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _set(state, detail) {
+    this.state = state;
+    this.detail = detail;
+    this._emit('change');
+  }
+
+  async _begin(clickAt) {
+    this._close();
+    if (!this._relayUp()) {
+      this._set('waiting', 'waiting for the relay connection');
+      return;
+    }
+    let pc;
+    try {
+      pc = new RTCPeerConnection({ iceServers: iceServersFrom(this._relaySession()) });
+    } catch (e) {
+      this._end('peer_error', e && e.message ? e.message : String(e));
+      return;
+    }
+    const s = {
+      id: newSessionID(),
+      pc,
+      offers: new Set(), // correlationIDs of our offers in this session
+      offerCount: 0,
+      awaitingAnswer: false,
+      pendingCandidates: [], // the device's candidates that came before its answer
+      relayLost: false,
+      restarts: 0,
+      restartDelay: RESTART_BASE_MS,
+      timers: { disconnected: 0, restart: 0, answer: 0, stats: 0 },
+      t: { click: clickAt, answer: null, connected: null, firstFrame: null },
+      stats: null,
+      prev: null, // the previous inbound-rtp sample, for rates
+      lastFrames: 0, // framesDecoded when it last grew, and when that was
+      lastFrameAt: null,
+      stream: null,
+    };
+    this.s = s;
+    this.sessions++;
+    this.recent.add(s.id);
+    if (this.recent.size > 8) this.recent.delete(this.recent.values().next().value);
+    const mine = () => this.s === s;
+
+    pc.addTransceiver('video', { direction: 'recvonly' });
+    pc.ontrack = (ev) => {
+      if (!mine()) return;
+      s.stream = ev.streams && ev.streams[0] ? ev.streams[0] : new MediaStream([ev.track]);
+      this._emit('stream', { stream: s.stream });
+    };
+    pc.onicecandidate = (ev) => {
+      if (!mine() || s.relayLost) return;
+      // null ends this gathering generation; Chrome's own `candidate: ""` events are redundant.
+      if (ev.candidate && !ev.candidate.candidate) return;
+      const c = ev.candidate ? ev.candidate.toJSON() : { candidate: '' };
+      const payload = { subtype: 'ice_candidate', sessionID: s.id, candidate: c.candidate ?? '' };
+      if (c.sdpMid != null) payload.sdpMid = c.sdpMid;
+      if (c.sdpMLineIndex != null) payload.sdpMLineIndex = c.sdpMLineIndex;
+      if (c.usernameFragment) payload.usernameFragment = c.usernameFragment;
+      this._send({ type: 'webrtc', clientID: this.deviceID, payload });
+    };
+    pc.oniceconnectionstatechange = () => mine() && this._onIceState(s);
+    pc.onconnectionstatechange = () => mine() && this._onIceState(s);
+
+    s.timers.stats = setInterval(() => this._sample(s), STATS_EVERY_MS);
+    this._set('starting', 'sending the offer');
+    try {
+      await this._offer(s, false);
+    } catch (e) {
+      if (mine()) this._end('peer_error', e && e.message ? e.message : String(e));
+    }
+  }
+
+  /** Creates and sends an offer on session `s` (an ICE restart when `restart`). */
+  async _offer(s, restart) {
+    const offer = await s.pc.createOffer(restart ? { iceRestart: true } : {});
+    if (this.s !== s) return;
+    await s.pc.setLocalDescription(offer);
+    if (this.s !== s || s.relayLost) return;
+    const correlationID = `${s.id}.${++s.offerCount}`;
+    s.offers.add(correlationID);
+    s.awaitingAnswer = true;
+    const sent = this._send({
+      type: 'webrtc',
+      correlationID,
+      clientID: this.deviceID,
+      payload: { subtype: 'offer', sessionID: s.id, sdp: s.pc.localDescription.sdp },
+    });
+    if (!sent) {
+      this.relayDown();
+      return;
+    }
+    clearTimeout(s.timers.answer);
+    s.timers.answer = setTimeout(() => {
+      if (this.s === s && s.awaitingAnswer) this._end('no_answer', `no answer within ${ANSWER_TIMEOUT_MS / 1000} s`);
+    }, ANSWER_TIMEOUT_MS);
+  }
+
+  async _onSignal(s, p) {
+    switch (p.subtype) {
+      case 'answer': {
+        if (typeof p.sdp !== 'string') return;
+        clearTimeout(s.timers.answer);
+        if (s.t.answer == null) s.t.answer = performance.now();
+        try {
+          await s.pc.setRemoteDescription({ type: 'answer', sdp: p.sdp });
+        } catch (e) {
+          if (this.s === s) this._fail(s, `the device's answer was not usable: ${e.message}`);
+          return;
+        }
+        if (this.s !== s) return;
+        s.awaitingAnswer = false;
+        const queued = s.pendingCandidates.splice(0);
+        for (const c of queued) await this._addCandidate(s, c);
+        if (this.state === 'starting') this._set('connecting', 'connecting to the device');
+        this._armConnectTimeout(s);
+        break;
+      }
+      case 'ice_candidate': {
+        if (typeof p.candidate !== 'string') return;
+        const c = { candidate: p.candidate, sdpMid: p.sdpMid ?? null, sdpMLineIndex: p.sdpMLineIndex ?? null };
+        if (typeof p.usernameFragment === 'string') c.usernameFragment = p.usernameFragment;
+        // Our offer has one media section: a candidate that names none belongs to it.
+        if (c.sdpMid == null && c.sdpMLineIndex == null) c.sdpMLineIndex = 0;
+        if (s.awaitingAnswer || !s.pc.remoteDescription) s.pendingCandidates.push(c);
+        else await this._addCandidate(s, c);
+        break;
+      }
+      case 'bye':
+        this._end(typeof p.reason === 'string' ? p.reason : 'bye', typeof p.message === 'string' ? p.message : null);
+        break;
+      default:
+        break; // a subtype this console does not use
+    }
+  }
+
+  async _addCandidate(s, c) {
+    try {
+      await s.pc.addIceCandidate(c);
+    } catch (e) {
+      // A candidate of a previous ICE generation, or an end marker this browser rejects:
+      // harmless, connectivity does not depend on it.
+      console.debug('ICE candidate not added:', e && e.message, c);
+    }
+  }
+
+  _onIceState(s) {
+    const ice = s.pc.iceConnectionState;
+    const conn = s.pc.connectionState;
+    clearTimeout(s.timers.disconnected);
+    if (conn === 'connected' || ice === 'connected' || ice === 'completed') {
+      clearTimeout(s.timers.restart);
+      s.restartDelay = RESTART_BASE_MS;
+      if (s.t.connected == null) s.t.connected = performance.now();
+      if (this.state !== 'live') {
+        if (this.state === 'recovering') this._log('system', 'video connection recovered');
+        this._set('live', '');
+        this._sample(s);
+      } else this._emit('change');
+      return;
+    }
+    if (s.relayLost || this.state === 'ended' || this.state === 'off') {
+      this._emit('change');
+      return;
+    }
+    if (ice === 'failed' || conn === 'failed') {
+      this._restart(s, 'the connection failed');
+    } else if (ice === 'disconnected' || conn === 'disconnected') {
+      this._set('recovering', 'connection interrupted, waiting for it to come back');
+      s.timers.disconnected = setTimeout(() => {
+        if (this.s === s && s.pc.iceConnectionState === 'disconnected') this._restart(s, `no media for ${DISCONNECTED_GRACE_MS / 1000} s`);
+      }, DISCONNECTED_GRACE_MS);
+    } else {
+      this._emit('change');
+    }
+  }
+
+  /** If the session is not connected CONNECT_TIMEOUT_MS after its (re)negotiation: restart. */
+  _armConnectTimeout(s) {
+    clearTimeout(s.timers.restart);
+    if (s.t.connected != null && this.state === 'live') return;
+    s.timers.restart = setTimeout(() => {
+      if (this.s === s && this.state !== 'live') this._restart(s, 'not connected in time');
+    }, s.restarts ? s.restartDelay : CONNECT_TIMEOUT_MS);
+  }
+
+  /** ICE restart on the same session: a new offer with new credentials. */
+  async _restart(s, why) {
+    if (this.s !== s || s.relayLost || !this.wanted) return;
+    if (!this._relayUp()) {
+      this.relayDown();
+      return;
+    }
+    s.restarts++;
+    this._log('warn', `video: ${why}; ICE restart #${s.restarts}`);
+    this._set('recovering', `${why}; restarting ICE (attempt ${s.restarts})`);
+    try {
+      await this._offer(s, true);
+    } catch (e) {
+      if (this.s === s) this._fail(s, `ICE restart failed: ${e.message}`);
+      return;
+    }
+    if (this.s !== s) return;
+    s.restartDelay = Math.min(RESTART_MAX_MS, s.restartDelay * 2);
+    // If this restart does not connect either, the next one follows (answered or not).
+    clearTimeout(s.timers.restart);
+    s.timers.restart = setTimeout(() => {
+      if (this.s === s && this.state !== 'live') this._restart(s, 'still not connected');
+    }, s.restartDelay);
+  }
+
+  /** A local failure: tell the device, end the session. */
+  _fail(s, message) {
+    if (!s.relayLost) this._send({ type: 'webrtc', clientID: this.deviceID, payload: { subtype: 'bye', sessionID: s.id, reason: 'negotiation_failed', message } });
+    this._end('peer_error', message);
+  }
+
+  /** The session is over (bye, refusal, failure): show why and offer Start again. */
+  _end(reason, message) {
+    this.wanted = false;
+    this.endReason = reason;
+    this.endMessage = message;
+    this._log(reason === 'device_offline' ? 'warn' : 'error', `video ended: ${describeEnd(reason, message)}`);
+    this._close();
+    this._set('ended', describeEnd(reason, message));
+  }
+
+  _close() {
+    const s = this.s;
+    if (!s) return;
+    this.s = null;
+    for (const t of [s.timers.disconnected, s.timers.restart, s.timers.answer]) clearTimeout(t);
+    clearInterval(s.timers.stats);
+    s.pc.ontrack = s.pc.onicecandidate = s.pc.oniceconnectionstatechange = s.pc.onconnectionstatechange = null;
+    try {
+      s.pc.close();
+    } catch {
+      // Already closed.
+    }
+    this._emit('stream', { stream: null });
+  }
+
+  // ---- statistics -------------------------------------------------------------------------
+
+  async _sample(s) {
+    let report;
+    try {
+      report = await s.pc.getStats();
+    } catch {
+      return;
+    }
+    if (this.s !== s) return;
+    let inbound = null;
+    let transport = null;
+    const pairs = [];
+    report.forEach((r) => {
+      if (r.type === 'inbound-rtp' && (r.kind === 'video' || r.mediaType === 'video')) inbound = r;
+      else if (r.type === 'transport') transport = r;
+      else if (r.type === 'candidate-pair') pairs.push(r);
+    });
+    const pair =
+      (transport && transport.selectedCandidatePairId && report.get(transport.selectedCandidatePairId)) ||
+      pairs.find((p) => p.nominated && p.state === 'succeeded') ||
+      null;
+    const local = pair ? report.get(pair.localCandidateId) : null;
+    const remote = pair ? report.get(pair.remoteCandidateId) : null;
+    const codec = inbound && inbound.codecId ? report.get(inbound.codecId) : null;
+
+    const out = {
+      bitrateBps: null,
+      fps: null,
+      rttMs: pair && num(pair.currentRoundTripTime) != null ? pair.currentRoundTripTime * 1000 : null,
+      lossPct: null,
+      packetsLost: inbound ? num(inbound.packetsLost) : null,
+      packetsReceived: inbound ? num(inbound.packetsReceived) : null,
+      framesDecoded: inbound ? num(inbound.framesDecoded) ?? 0 : 0,
+      frameWidth: inbound ? num(inbound.frameWidth) : null,
+      frameHeight: inbound ? num(inbound.frameHeight) : null,
+      codec: codec ? describeCodec(codec) : null,
+      // Signaling goes through the relay, media straight between browser and device; a TURN
+      // relay (when configured) still counts as p2p at this level, the route says which.
+      mode: 'p2p',
+      route: local && remote ? `${local.candidateType}/${local.protocol || '?'} ↔ ${remote.candidateType}` : null,
+      relayed: !!(local && local.candidateType === 'relay') || !!(remote && remote.candidateType === 'relay'),
+    };
+    // A picture that stopped moving while ICE still says connected is worth saying.
+    const now = performance.now();
+    if (s.lastFrameAt == null || out.framesDecoded > s.lastFrames) {
+      s.lastFrames = out.framesDecoded;
+      s.lastFrameAt = now;
+    }
+    out.stalledMs = out.framesDecoded > 0 ? now - s.lastFrameAt : null;
+    const prev = s.prev;
+    if (inbound && prev && inbound.timestamp > prev.timestamp) {
+      const dt = (inbound.timestamp - prev.timestamp) / 1000;
+      out.bitrateBps = ((num(inbound.bytesReceived) ?? 0) - (num(prev.bytesReceived) ?? 0)) * 8 / dt;
+      out.fps = num(inbound.framesPerSecond) ?? ((num(inbound.framesDecoded) ?? 0) - (num(prev.framesDecoded) ?? 0)) / dt;
+      const lost = (num(inbound.packetsLost) ?? 0) - (num(prev.packetsLost) ?? 0);
+      const got = (num(inbound.packetsReceived) ?? 0) - (num(prev.packetsReceived) ?? 0);
+      out.lossPct = lost + got > 0 ? (Math.max(0, lost) / (Math.max(0, lost) + got)) * 100 : 0;
+    }
+    if (inbound) s.prev = inbound;
+    s.stats = out;
+    this._emit('stats', out);
+  }
+}
+
+// ---- the panel ------------------------------------------------------------------------------
+
+const STATE_TEXT = {
+  off: 'off',
+  starting: 'starting…',
+  connecting: 'connecting…',
+  live: 'live',
+  recovering: 'recovering…',
+  waiting: 'waiting for the relay…',
+  ended: 'ended',
+};
+
+function setText(el, text) {
+  const t = String(text);
+  if (el.textContent !== t) el.textContent = t;
+}
+
+export class VideoPanel {
+  /**
+   * @param {VideoLink} link
+   * @param {object} fmt  formatters: {formatBitrate, formatMs, formatRate, formatPercent}
+   */
+  constructor(link, fmt) {
+    this.link = link;
+    this.fmt = fmt;
+    const $ = (id) => document.getElementById(id);
+    this.el = {
+      panel: $('video-panel'),
+      toggle: $('video-toggle'),
+      fullscreen: $('video-fullscreen'),
+      status: $('video-status'),
+      detail: $('video-detail'),
+      reason: $('video-reason'),
+      video: $('video-player'),
+      placeholder: $('video-placeholder'),
+      conn: $('vs-conn'),
+      mode: $('vs-mode'),
+      bitrate: $('vs-bitrate'),
+      fps: $('vs-fps'),
+      rtt: $('vs-rtt'),
+      loss: $('vs-loss'),
+      frames: $('vs-frames'),
+      res: $('vs-res'),
+      codec: $('vs-codec'),
+      first: $('vs-first'),
+    };
+    this.el.toggle.addEventListener('click', () => (this.link.wanted || this.link.s ? this.link.stop('stopped') : this.link.start()));
+    this.el.fullscreen.addEventListener('click', () => {
+      const v = this.el.video;
+      if (v.requestFullscreen) v.requestFullscreen().catch(() => {});
+    });
+    link.addEventListener('change', () => this.render());
+    link.addEventListener('stats', () => this.renderStats());
+    link.addEventListener('stream', (e) => this._play(e.detail.stream));
+    this.el.video.addEventListener('resize', () => this.renderStats());
+    this.render();
+    this.renderStats();
+  }
+
+  _play(stream) {
+    const v = this.el.video;
+    if (v.srcObject !== stream) v.srcObject = stream;
+    if (!stream) {
+      this.renderStats();
+      return;
+    }
+    const session = this.link.s;
+    const onFrame = (now) => {
+      if (this.link.s === session) this.link.firstFrame(now);
+    };
+    // The first presented frame, as precisely as the browser can say.
+    if (typeof v.requestVideoFrameCallback === 'function') v.requestVideoFrameCallback(onFrame);
+    else v.addEventListener('loadeddata', () => onFrame(performance.now()), { once: true });
+    // Muted autoplay is allowed everywhere; play() only makes it explicit.
+    v.play().catch(() => {});
+  }
+
+  render() {
+    const snap = this.link.snapshot();
+    const e = this.el;
+    const active = snap.wanted || snap.sessionID !== null;
+    e.panel.dataset.state = snap.state;
+    e.panel.dataset.sessionId = snap.sessionID ?? '';
+    e.panel.dataset.iceRestarts = String(snap.iceRestarts);
+    e.panel.dataset.endReason = snap.endReason ?? '';
+    e.panel.dataset.firstFrameMs = snap.timings.firstFrameMs == null ? '' : String(Math.round(snap.timings.firstFrameMs));
+    e.panel.dataset.answerMs = snap.timings.answerMs == null ? '' : String(Math.round(snap.timings.answerMs));
+    e.panel.dataset.connectedMs = snap.timings.connectedMs == null ? '' : String(Math.round(snap.timings.connectedMs));
+    e.panel.dataset.sessions = String(snap.sessions);
+
+    setText(e.toggle, active ? 'Stop video' : snap.state === 'ended' ? 'Start again' : 'Start video');
+    e.toggle.setAttribute('aria-pressed', String(active));
+    e.toggle.classList.toggle('btn-primary', !active);
+    e.toggle.disabled = !snap.deviceID;
+    e.fullscreen.hidden = snap.state !== 'live';
+
+    setText(e.status, STATE_TEXT[snap.state] ?? snap.state);
+    e.status.dataset.state = snap.state;
+    setText(e.detail, snap.state === 'ended' ? '' : snap.detail);
+    e.reason.hidden = snap.state !== 'ended';
+    setText(e.reason, snap.state === 'ended' ? `Video ended: ${snap.detail}.` : '');
+
+    const conn = snap.connectionState;
+    setText(e.conn, conn ? (snap.iceState && snap.iceState !== conn ? `${conn} (ICE ${snap.iceState})` : conn) : '—');
+    e.conn.dataset.level = conn === 'connected' ? 'ok' : conn === 'failed' || conn === 'disconnected' ? 'bad' : '';
+    setText(e.first, snap.timings.firstFrameMs == null ? '—' : this.fmt.formatMs(snap.timings.firstFrameMs));
+    e.first.title =
+      snap.timings.answerMs == null
+        ? 'Time from pressing Start to the first frame on screen'
+        : `From pressing Start: answer ${Math.round(snap.timings.answerMs)} ms` +
+          (snap.timings.connectedMs == null ? '' : `, connected ${Math.round(snap.timings.connectedMs)} ms`) +
+          (snap.timings.firstFrameMs == null ? '' : `, first frame ${Math.round(snap.timings.firstFrameMs)} ms`);
+    this._placeholder(snap);
+    this.renderStats();
+  }
+
+  _placeholder(snap) {
+    const text = {
+      off: 'Video is off. Press "Start video" to watch the device.',
+      starting: 'Asking the device for video…',
+      connecting: 'Connecting to the device…',
+      waiting: 'Waiting for the relay connection…',
+      ended: 'Video ended. Press "Start again" to retry.',
+    }[snap.state];
+    const playing = snap.state === 'live' || snap.state === 'recovering';
+    const hasFrame = this.el.video.videoWidth > 0;
+    this.el.placeholder.hidden = playing && hasFrame;
+    setText(this.el.placeholder, text ?? (hasFrame ? '' : 'Waiting for the first frame…'));
+  }
+
+  renderStats() {
+    const st = this.link.s ? this.link.s.stats : null;
+    const e = this.el;
+    const f = this.fmt;
+    const v = e.video;
+    const w = v.videoWidth || (st && st.frameWidth) || 0;
+    const hgt = v.videoHeight || (st && st.frameHeight) || 0;
+    e.panel.dataset.framesDecoded = String(st ? st.framesDecoded : 0);
+    e.panel.dataset.videoWidth = String(v.videoWidth || 0);
+    e.panel.dataset.videoHeight = String(v.videoHeight || 0);
+    e.panel.dataset.mode = st ? st.mode : '';
+    setText(e.mode, st ? (st.route ? `${st.mode} · ${st.route}` : st.mode) : '—');
+    e.mode.title = st && st.relayed ? 'Media goes through a TURN server' : 'Media goes straight between this browser and the device';
+    setText(e.bitrate, st && st.bitrateBps != null ? f.formatBitrate(st.bitrateBps) : '—');
+    setText(e.fps, st && st.fps != null ? f.formatRate(st.fps) : '—');
+    setText(e.rtt, st && st.rttMs != null ? f.formatMs(st.rttMs) : '—');
+    setText(e.loss, st && st.lossPct != null ? `${f.formatPercent(st.lossPct)}${st.packetsLost ? ` · ${st.packetsLost} total` : ''}` : '—');
+    e.loss.dataset.level = st && st.lossPct != null ? (st.lossPct > 5 ? 'bad' : st.lossPct > 1 ? 'warn' : 'ok') : '';
+    setText(e.frames, st ? st.framesDecoded : '—');
+    setText(e.res, w && hgt ? `${w}×${hgt}` : '—');
+    setText(e.codec, st && st.codec ? st.codec : '—');
+    const stalled = this.link.state === 'live' && st && st.stalledMs > STALL_MS;
+    e.panel.dataset.stalled = String(!!stalled);
+    if (this.link.state === 'live') setText(e.detail, stalled ? `no new frames for ${Math.round(st.stalledMs / 1000)} s` : '');
+    this._placeholder(this.link.snapshot());
+  }
+}
