@@ -297,7 +297,12 @@ impl State {
             PeerEvent::State(state) => {
                 tracing::info!(session = %id, %state, "video peer state");
                 if state == "connected" {
-                    self.keyframe();
+                    // Packets written before the peer connected were dropped, the first
+                    // keyframe with them: the new viewer needs one now, whatever the throttle.
+                    if let Some(p) = &self.pipeline {
+                        p.request_keyframe();
+                        self.last_keyframe = Instant::now();
+                    }
                 }
                 if state == "closed" {
                     self.end(id).await;

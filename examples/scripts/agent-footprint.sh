@@ -2,21 +2,32 @@
 # The agent's footprint: stripped binary size and idle memory, measured on this machine.
 #   bash examples/scripts/agent-footprint.sh            (release profile)
 #   PROFILE=release-small bash examples/scripts/agent-footprint.sh
+#   VIDEO=0 bash examples/scripts/agent-footprint.sh     (the agent without its video feature)
 # Starts a throwaway relay and one agent (system metrics on, local inputs open, no simulator),
 # lets it settle, then reads VmRSS/VmHWM from /proc.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PROFILE=${PROFILE:-release}
 SETTLE=${SETTLE:-20}
-cargo build --profile "$PROFILE" --locked -q -p tether-relay -p tether-device --bin tether-relay --bin tether-device
+VIDEO=${VIDEO:-1}
+cargo build --profile "$PROFILE" --locked -q -p tether-relay --bin tether-relay
 OUT=target/$PROFILE
+if [[ $VIDEO == 0 ]]; then
+  # A separate target dir keeps the two agent builds from overwriting each other.
+  CARGO_TARGET_DIR=target/novideo cargo build --profile "$PROFILE" --locked -q -p tether-device --no-default-features \
+    --bin tether-device
+  AGENT_BIN=target/novideo/$PROFILE/tether-device
+else
+  cargo build --profile "$PROFILE" --locked -q -p tether-device --bin tether-device
+  AGENT_BIN=$OUT/tether-device
+fi
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
-strip -o "$WORK/tether-device" "$OUT/tether-device"
+strip -o "$WORK/tether-device" "$AGENT_BIN"
 size=$(stat -c %s "$WORK/tether-device")
-echo "profile:              $PROFILE"
-echo "agent binary:         $(stat -c %s "$OUT/tether-device") bytes unstripped"
+echo "profile:              $PROFILE, video feature: $VIDEO"
+echo "agent binary:         $(stat -c %s "$AGENT_BIN") bytes unstripped"
 echo "agent binary:         $size bytes stripped ($(awk "BEGIN{printf \"%.2f\", $size/1048576}") MiB)"
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

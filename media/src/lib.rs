@@ -1,10 +1,17 @@
-//! Media plumbing for Tether: GStreamer capture -> RTP -> WebRTC tracks (feature `gst`) and SFU
-//! forwarding (feature `rtc`).
+//! Media plumbing for Tether.
 //!
-//! Empty for now: live video is the subject of its own issues. The crate exists so the workspace
-//! and the dependency direction (`signaling <- media <- {relay, device}`) are fixed from the start.
+//! - [`gst`] (feature `gst`): the capture and encoding pipeline (test pattern with a clock
+//!   overlay, V4L2, RTSP, file; H.264 or VP8) producing RTP packets.
+//! - [`rtc`] (feature `rtc`): the device's WebRTC sending peer, one per viewing pilot (webrtc
+//!   0.21): answers the pilot's offer, trickles ICE, surfaces PLI/FIR, REMB/TWCC estimates and
+//!   loss.
+//! - `viewer` (feature `rtc`): the receiving side a pilot runs, for tests and tools.
+//!
+//! The dependency direction is `signaling <- media <- {relay, device}`.
 
 #[cfg(feature = "gst")]
 pub mod gst;
 #[cfg(feature = "rtc")]
 pub mod rtc;
+#[cfg(feature = "rtc")]
+pub mod viewer;

@@ -1,205 +1,59 @@
 //! `media::rtc::VideoSender` against a receiving peer built on the webrtc crate, in process, over
 //! real UDP on loopback (and, for the mDNS test, inside a network namespace of its own).
 //!
-//! The receiver plays the pilot's browser: it offers a `recvonly` video transceiver, candidates
-//! are trickled both ways through channels, and RTP written on the sender must come out of the
-//! receiver's track unchanged. No timing is asserted beyond generous deadlines.
+//! The receiver is `media::viewer::Viewer`, playing the pilot's browser: it offers a `recvonly`
+//! video transceiver, candidates are trickled both ways through channels, and RTP written on the
+//! sender must come out of the viewer's track unchanged. No timing is asserted beyond generous deadlines.
 #![cfg(feature = "rtc")]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Result, anyhow, bail, ensure};
 use media::rtc::{Candidate, PeerEvent, PeerSettings, RtcError, VideoCodec, VideoSender};
-use rtc::ice::mdns::MulticastDnsMode;
-use rtc::peer_connection::configuration::RTCOfferOptions;
-use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use media::viewer::{
+    ConnectionState, H264_CB_MODE0, H264_HIGH_MODE1, MdnsHostName, NewViewer, OfferedCodec, Viewer, ViewerOptions,
+};
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp;
-use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
-use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
-use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
-use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceCandidateInit,
-    RTCIceGatheringState, RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry,
-    SettingEngineBuilder, register_default_interceptors,
-};
 
 /// Generous: a connection on loopback takes well under a second; CI machines are slow and busy.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-const H264_CB_MODE1: &str = "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
-const H264_CB_MODE0: &str = "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42e01f";
-const H264_HIGH_MODE1: &str = "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=640c1f";
-
-/// Payload types the receiver offers: deliberately not the ones the sender registers, so the
-/// test shows the answer follows the offer.
+/// The payload types `OfferedCodec::chrome_like_h264` and `OfferedCodec::vp8` use: deliberately
+/// not the ones the sender registers, so the test shows the answer follows the offer.
 const PT_H264_MODE0: u8 = 125;
 const PT_H264_MODE1: u8 = 127;
 const PT_H264_HIGH: u8 = 123;
 const PT_VP8: u8 = 120;
 
-fn video_codec(mime: &str, fmtp: &str, payload_type: u8) -> RTCRtpCodecParameters {
-    RTCRtpCodecParameters {
-        rtp_codec: RTCRtpCodec {
-            mime_type: mime.to_owned(),
-            clock_rate: 90_000,
-            channels: 0,
-            sdp_fmtp_line: fmtp.to_owned(),
-            rtcp_feedback: vec![],
-        },
-        payload_type,
+/// The pilot's side on loopback only, as the tests run it.
+fn viewer_options(codecs: Vec<OfferedCodec>) -> ViewerOptions {
+    ViewerOptions {
+        codecs,
+        include_loopback: true,
+        udp_addrs: vec!["127.0.0.1:0".to_owned()],
+        ..ViewerOptions::default()
     }
 }
 
-/// What Chrome offers for H.264, in short: mode 0 first, the one we want, and High profile.
-fn chrome_like_h264() -> Vec<RTCRtpCodecParameters> {
-    vec![
-        video_codec("video/H264", H264_CB_MODE0, PT_H264_MODE0),
-        video_codec("video/H264", H264_CB_MODE1, PT_H264_MODE1),
-        video_codec("video/H264", H264_HIGH_MODE1, PT_H264_HIGH),
-    ]
-}
-
-/// The receiver's callbacks: candidates, state and tracks go to the test through channels.
-struct ReceiverHandler {
-    candidates: mpsc::UnboundedSender<Option<RTCIceCandidateInit>>,
-    state: watch::Sender<RTCPeerConnectionState>,
-    tracks: mpsc::UnboundedSender<Arc<dyn TrackRemote>>,
-}
-
-#[async_trait::async_trait]
-impl PeerConnectionEventHandler for ReceiverHandler {
-    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
-        if let Ok(init) = event.candidate.to_json() {
-            let _ = self.candidates.send(Some(init));
-        }
-    }
-
-    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
-        if state == RTCIceGatheringState::Complete {
-            let _ = self.candidates.send(None);
-        }
-    }
-
-    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
-        let _ = self.state.send(state);
-    }
-
-    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
-        let _ = self.tracks.send(track);
-    }
-}
-
-/// How the receiving peer is built.
-struct ReceiverOptions {
-    /// Video codecs it offers; empty: it offers audio only.
-    codecs: Vec<RTCRtpCodecParameters>,
-    /// Hide host candidates behind an mDNS name, as browsers do (`<name>.local`).
-    mdns_name: Option<String>,
-    /// Apply the sender's trickled candidates. Without them the receiver can only learn the
-    /// sender's address from the sender's own checks, which shows the sender reached it.
-    learn_sender_candidates: bool,
-}
-
-impl ReceiverOptions {
-    fn offering(codecs: Vec<RTCRtpCodecParameters>) -> ReceiverOptions {
-        ReceiverOptions { codecs, mdns_name: None, learn_sender_candidates: true }
-    }
-}
-
-/// The pilot's side: a recvonly offer, the receiving track's packets, its state.
-struct Receiver {
-    pc: Arc<dyn PeerConnection>,
-    candidates: mpsc::UnboundedReceiver<Option<RTCIceCandidateInit>>,
-    state: watch::Receiver<RTCPeerConnectionState>,
-    tracks: mpsc::UnboundedReceiver<Arc<dyn TrackRemote>>,
-}
-
-impl Receiver {
-    async fn new(options: &ReceiverOptions) -> Result<Receiver> {
-        let mut media_engine = MediaEngine::default();
-        for codec in &options.codecs {
-            media_engine.register_codec(codec.clone(), RtpCodecKind::Video)?;
-        }
-        if options.codecs.is_empty() {
-            media_engine.register_codec(
-                RTCRtpCodecParameters {
-                    rtp_codec: RTCRtpCodec {
-                        mime_type: "audio/opus".to_owned(),
-                        clock_rate: 48_000,
-                        channels: 2,
-                        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
-                        rtcp_feedback: vec![],
-                    },
-                    payload_type: 111,
-                },
-                RtpCodecKind::Audio,
-            )?;
-        }
-        let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
-        let mut setting_engine = SettingEngineBuilder::new()
-            .with_include_loopback_candidate(true)
-            .with_discard_local_candidates_during_ice_restart(true);
-        setting_engine = match &options.mdns_name {
-            Some(name) => setting_engine
-                .with_multicast_dns_mode(MulticastDnsMode::QueryAndGather)
-                .with_multicast_dns_local_name(name.clone())
-                .with_multicast_dns_local_ip(Some(std::net::Ipv4Addr::LOCALHOST.into())),
-            None => setting_engine.with_multicast_dns_mode(MulticastDnsMode::Disabled),
-        };
-
-        let (cand_tx, candidates) = mpsc::unbounded_channel();
-        let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
-        let (track_tx, tracks) = mpsc::unbounded_channel();
-        let pc = PeerConnectionBuilder::new()
-            .with_media_engine(media_engine)
-            .with_interceptor_registry(registry)
-            .with_setting_engine(setting_engine.build())
-            .with_handler(Arc::new(ReceiverHandler { candidates: cand_tx, state: state_tx, tracks: track_tx }))
-            .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
-            .build()
-            .await?;
-        let pc: Arc<dyn PeerConnection> = Arc::new(pc);
-        let kind = if options.codecs.is_empty() { RtpCodecKind::Audio } else { RtpCodecKind::Video };
-        pc.add_transceiver_from_kind(
-            kind,
-            Some(RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Recvonly, ..Default::default() }),
-        )
-        .await?;
-        Ok(Receiver { pc, candidates, state, tracks })
-    }
-}
-
-/// The receiver's offer (an ICE-restart offer if asked), applied locally.
-async fn make_offer(pc: &Arc<dyn PeerConnection>, ice_restart: bool) -> Result<String> {
-    let options = ice_restart.then_some(RTCOfferOptions { ice_restart: true });
-    let offer = pc.create_offer(options).await?;
-    let sdp = offer.sdp.clone();
-    pc.set_local_description(offer).await?;
-    Ok(sdp)
-}
-
-/// A connected sender and receiver, with the plumbing between them running.
+/// A connected sender and viewer, with the plumbing between them running.
 struct Session {
     video: Arc<VideoSender>,
-    receiver: Arc<dyn PeerConnection>,
-    receiver_state: watch::Receiver<RTCPeerConnectionState>,
+    viewer: Arc<Viewer>,
     /// Every event the sender reported, candidates included (they were also applied).
     events: Events,
-    /// The receiver's track, once it has opened.
-    track: Arc<dyn TrackRemote>,
-    /// RTP packets the receiver's track delivered.
-    rtp: mpsc::UnboundedReceiver<rtp::Packet>,
-    /// The candidate lines the receiver trickled to the sender.
-    receiver_candidates: mpsc::UnboundedReceiver<String>,
+    /// RTP packets the viewer's track delivered.
+    rtp: mpsc::Receiver<rtp::Packet>,
+    /// The candidate lines the viewer trickled to the sender.
+    viewer_candidates: mpsc::UnboundedReceiver<String>,
     /// Numbers the packets the test writes.
     payloader: Arc<Payloader>,
-    /// The candidate pumps and the track reader; aborted on drop.
+    /// The candidate pumps; aborted on drop.
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -256,10 +110,10 @@ impl Drop for Session {
     }
 }
 
-/// Applies the sender's events to the receiver (candidates) and hands every event to the test.
+/// Applies the sender's events to the viewer (candidates) and hands every event to the test.
 fn pump_sender_events(
     mut events: mpsc::Receiver<PeerEvent>,
-    receiver: Arc<dyn PeerConnection>,
+    viewer: Arc<Viewer>,
     learn_candidates: bool,
     to_test: mpsc::UnboundedSender<PeerEvent>,
 ) -> JoinHandle<()> {
@@ -267,67 +121,31 @@ fn pump_sender_events(
         while let Some(event) = events.recv().await {
             if let PeerEvent::LocalCandidate(Some(c)) = &event
                 && learn_candidates
+                && let Err(e) = viewer.add_remote_candidate(c.clone()).await
             {
-                let init = RTCIceCandidateInit {
-                    candidate: c.candidate.clone(),
-                    sdp_mid: c.sdp_mid.clone(),
-                    sdp_mline_index: c.sdp_mline_index,
-                    ..Default::default()
-                };
-                if let Err(e) = receiver.add_ice_candidate(init).await {
-                    eprintln!("receiver refused candidate {}: {e}", c.candidate);
-                }
+                eprintln!("viewer refused candidate {}: {e}", c.candidate);
             }
             let _ = to_test.send(event);
         }
     })
 }
 
-/// Trickles the receiver's candidates to the sender, as the relay would carry them.
-fn pump_receiver_candidates(
-    mut candidates: mpsc::UnboundedReceiver<Option<RTCIceCandidateInit>>,
+/// Trickles the viewer's candidates to the sender, as the relay would carry them.
+fn pump_viewer_candidates(
+    mut candidates: mpsc::UnboundedReceiver<Option<Candidate>>,
     video: Arc<VideoSender>,
     seen: mpsc::UnboundedSender<String>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(c) = candidates.recv().await {
-            let c = match c {
-                Some(init) => Candidate {
-                    candidate: init.candidate,
-                    sdp_mid: init.sdp_mid,
-                    sdp_mline_index: init.sdp_mline_index,
-                },
-                // What a browser sends at the end of gathering.
-                None => Candidate { candidate: String::new(), sdp_mid: None, sdp_mline_index: None },
-            };
+            // `None` is what a browser sends as an empty candidate at the end of gathering.
+            let c = c.unwrap_or_default();
             let _ = seen.send(c.candidate.clone());
             if let Err(e) = video.add_remote_candidate(c).await {
                 eprintln!("sender refused candidate: {e}");
             }
         }
     })
-}
-
-fn read_track(track: Arc<dyn TrackRemote>, out: mpsc::UnboundedSender<rtp::Packet>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Some(event) = track.poll().await {
-            if let TrackRemoteEvent::OnRtpPacket(packet) = event {
-                let _ = out.send(packet);
-            }
-        }
-    })
-}
-
-async fn wait_receiver_state(
-    state: &mut watch::Receiver<RTCPeerConnectionState>,
-    want: RTCPeerConnectionState,
-) -> Result<()> {
-    let reached = timeout(DEADLINE, state.wait_for(|s| *s == want)).await.map(|r| r.is_ok());
-    match reached {
-        Ok(true) => Ok(()),
-        Ok(false) => bail!("receiver state channel closed"),
-        Err(_) => bail!("timed out waiting for the receiver to be {want}; it is {}", *state.borrow()),
-    }
 }
 
 fn loopback_settings(codec: VideoCodec) -> PeerSettings {
@@ -340,24 +158,32 @@ struct Negotiation {
     answer: String,
 }
 
-/// Offer, answer, trickle both ways, and wait until both sides are connected and the
-/// receiver's track has opened (it opens on the first packet, so filler is written until then).
-async fn connect(settings: PeerSettings, options: ReceiverOptions) -> Result<(Session, Negotiation)> {
-    let Receiver { pc: receiver, candidates, state: mut receiver_state, mut tracks } = Receiver::new(&options).await?;
-    let offer = make_offer(&receiver, false).await?;
+/// Offer, answer, trickle both ways, and wait until both sides are connected and the viewer's
+/// track has opened (it opens on the first packet, so filler is written until one arrives).
+///
+/// With `learn_sender_candidates` off, the viewer is not told the sender's candidates: it can
+/// then only learn the sender's address from the sender's own checks, which shows the sender
+/// reached it.
+async fn connect(
+    settings: PeerSettings,
+    options: ViewerOptions,
+    learn_sender_candidates: bool,
+) -> Result<(Session, Negotiation)> {
+    let NewViewer { viewer, offer, candidates, packets: mut rtp } = Viewer::new(&options).await?;
+    let viewer = Arc::new(viewer);
 
     let (events_tx, events_rx) = mpsc::channel(64);
     let (video, answer) = VideoSender::answer(&settings, &offer, events_tx).await?;
     let video = Arc::new(video);
-    receiver.set_remote_description(RTCSessionDescription::answer(answer.clone())?).await?;
+    viewer.apply_answer(&answer).await?;
 
     let (to_test, rx) = mpsc::unbounded_channel();
     let mut events = Events { rx, history: Vec::new() };
-    let (seen_tx, receiver_candidates) = mpsc::unbounded_channel();
+    let (seen_tx, viewer_candidates) = mpsc::unbounded_channel();
     let payloader = Arc::new(Payloader::default());
-    let mut tasks = vec![
-        pump_sender_events(events_rx, receiver.clone(), options.learn_sender_candidates, to_test),
-        pump_receiver_candidates(candidates, video.clone(), seen_tx),
+    let tasks = vec![
+        pump_sender_events(events_rx, viewer.clone(), learn_sender_candidates, to_test),
+        pump_viewer_candidates(candidates, video.clone(), seen_tx),
     ];
 
     let (_, connected_at) =
@@ -367,13 +193,15 @@ async fn connect(settings: PeerSettings, options: ReceiverOptions) -> Result<(Se
         "the sender trickled no candidate before connecting: {:?}",
         events.history
     );
-    wait_receiver_state(&mut receiver_state, RTCPeerConnectionState::Connected).await?;
+    timeout(DEADLINE, viewer.wait_connected())
+        .await
+        .map_err(|_| anyhow!("timed out waiting for the viewer to connect; it is {}", *viewer.state().borrow()))??;
 
-    // The track opens when media arrives: write filler until it does.
-    let track = timeout(DEADLINE, async {
+    // The track opens when media arrives: write filler until the first packet comes out.
+    timeout(DEADLINE, async {
         loop {
             tokio::select! {
-                track = tracks.recv() => break track,
+                p = rtp.recv() => break p,
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {
                     video.write_rtp(&payloader.filler()).await.ok();
                 }
@@ -381,12 +209,10 @@ async fn connect(settings: PeerSettings, options: ReceiverOptions) -> Result<(Se
         }
     })
     .await
-    .map_err(|_| anyhow!("the receiver's track never opened"))?
-    .context("track channel closed")?;
-    let (rtp_tx, rtp) = mpsc::unbounded_channel();
-    tasks.push(read_track(track.clone(), rtp_tx));
-    let session =
-        Session { video, receiver, receiver_state, events, track, rtp, receiver_candidates, payloader, tasks };
+    .map_err(|_| anyhow!("the viewer's track never opened"))?
+    .ok_or_else(|| anyhow!("the viewer's packet stream ended"))?;
+    ensure!(viewer.ssrc() == Some(video.ssrc()), "the viewer reads another stream");
+    let session = Session { video, viewer, events, rtp, viewer_candidates, payloader, tasks };
     Ok((session, Negotiation { offer, answer }))
 }
 
@@ -511,7 +337,7 @@ fn keep_sending(session: &Session) -> JoinHandle<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h264_media_flows_and_feedback_surfaces() -> Result<()> {
     let (mut session, sdp) =
-        connect(loopback_settings(VideoCodec::H264), ReceiverOptions::offering(chrome_like_h264())).await?;
+        connect(loopback_settings(VideoCodec::H264), viewer_options(OfferedCodec::chrome_like_h264()), true).await?;
 
     // The answer picked the offer's mode-1 constrained-baseline entry, with the offer's number.
     let negotiated = session.video.negotiated();
@@ -530,14 +356,13 @@ async fn h264_media_flows_and_feedback_surfaces() -> Result<()> {
     // A PLI from the receiver surfaces as a keyframe request (and nothing asked before it).
     let before = session.events.mark();
     assert!(!session.events.history.contains(&PeerEvent::KeyframeRequested), "{:?}", session.events.history);
-    let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: session.video.ssrc() };
-    session.track.write_rtcp(vec![Box::new(pli)]).await?;
+    session.viewer.request_keyframe().await?;
     session.events.wait_for("KeyframeRequested", before, |e| *e == PeerEvent::KeyframeRequested).await?;
 
     // So does a REMB, as a Bandwidth figure.
     let remb =
         ReceiverEstimatedMaximumBitrate { sender_ssrc: 0, bitrate: 2_500_000.0, ssrcs: vec![session.video.ssrc()] };
-    session.track.write_rtcp(vec![Box::new(remb)]).await?;
+    session.viewer.write_rtcp(vec![Box::new(remb)]).await?;
     session.events.wait_for("Bandwidth from REMB", before, |e| *e == PeerEvent::Bandwidth { bps: 2_500_000 }).await?;
 
     // Receiver reports surface as Loss (nothing is lost on loopback), transport-wide feedback as
@@ -564,22 +389,23 @@ async fn h264_media_flows_and_feedback_surfaces() -> Result<()> {
     assert!(stats.rtt.is_some(), "{stats:?}");
 
     session.video.close().await;
-    session.receiver.close().await?;
+    session.viewer.close().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vp8_is_negotiated_when_the_encoder_is_vp8() -> Result<()> {
     // The offer carries both codecs, H.264 first, as a browser's does.
-    let mut codecs = chrome_like_h264();
-    codecs.push(video_codec("video/VP8", "", PT_VP8));
-    let (mut session, _) = connect(loopback_settings(VideoCodec::Vp8), ReceiverOptions::offering(codecs)).await?;
+    let mut codecs = OfferedCodec::chrome_like_h264();
+    codecs.push(OfferedCodec::vp8());
+    let (mut session, _) = connect(loopback_settings(VideoCodec::Vp8), viewer_options(codecs), true).await?;
 
     let negotiated = session.video.negotiated();
     assert_eq!(negotiated.mime_type.to_ascii_lowercase(), "video/vp8");
     assert_eq!(negotiated.payload_type, PT_VP8);
-    let received_codec = session.track.codec(session.video.ssrc()).await;
-    assert_eq!(received_codec.map(|c| c.mime_type.to_ascii_lowercase()), Some("video/vp8".to_owned()));
+    let received_codec = session.viewer.codec().await;
+    assert_eq!(received_codec.as_ref().map(|c| c.mime_type.to_ascii_lowercase()), Some("video/vp8".to_owned()));
+    assert_eq!(received_codec.map(|c| c.payload_type), Some(PT_VP8));
 
     // A VP8 keyframe-like payload: payload descriptor, then frame bytes.
     let payload: Vec<u8> = [0x10u8, 0x00, 0x9d, 0x01, 0x2a].into_iter().chain(std::iter::repeat_n(0xab, 300)).collect();
@@ -598,15 +424,14 @@ async fn vp8_is_negotiated_when_the_encoder_is_vp8() -> Result<()> {
     assert_eq!(packet.header.payload_type, PT_VP8);
 
     session.video.close().await;
-    session.receiver.close().await?;
+    session.viewer.close().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offer_without_usable_video_fails_clearly() -> Result<()> {
     // Audio only.
-    let receiver = Receiver::new(&ReceiverOptions::offering(vec![])).await?;
-    let offer = make_offer(&receiver.pc, false).await?;
+    let NewViewer { viewer, offer, .. } = Viewer::new(&viewer_options(vec![OfferedCodec::opus()])).await?;
     let (tx, mut rx) = mpsc::channel(8);
     let err = VideoSender::answer(&loopback_settings(VideoCodec::H264), &offer, tx).await.unwrap_err();
     assert!(matches!(err, RtcError::NoVideo { .. }), "{err}");
@@ -614,15 +439,14 @@ async fn an_offer_without_usable_video_fails_clearly() -> Result<()> {
     assert!(err.to_string().contains("audio/recvonly"), "{err}");
     // Nothing was started: the event channel is closed without an event.
     assert!(rx.recv().await.is_none());
-    receiver.pc.close().await?;
+    viewer.close().await;
 
     // H.264, but only in forms our encoder's output cannot be sent as (mode 0, High profile).
-    let receiver = Receiver::new(&ReceiverOptions::offering(vec![
-        video_codec("video/H264", H264_CB_MODE0, PT_H264_MODE0),
-        video_codec("video/H264", H264_HIGH_MODE1, PT_H264_HIGH),
+    let NewViewer { viewer, offer, .. } = Viewer::new(&viewer_options(vec![
+        OfferedCodec::new("video/H264", H264_CB_MODE0, PT_H264_MODE0),
+        OfferedCodec::new("video/H264", H264_HIGH_MODE1, PT_H264_HIGH),
     ]))
     .await?;
-    let offer = make_offer(&receiver.pc, false).await?;
     let (tx, _rx) = mpsc::channel(8);
     let err = VideoSender::answer(&loopback_settings(VideoCodec::H264), &offer, tx).await.unwrap_err();
     assert!(matches!(err, RtcError::NoCommonCodec { .. }), "{err}");
@@ -632,7 +456,7 @@ async fn an_offer_without_usable_video_fails_clearly() -> Result<()> {
     let (tx, _rx) = mpsc::channel(8);
     let err = VideoSender::answer(&loopback_settings(VideoCodec::Vp8), &offer, tx).await.unwrap_err();
     assert!(matches!(err, RtcError::NoCommonCodec { .. }), "{err}");
-    receiver.pc.close().await?;
+    viewer.close().await;
 
     // Not SDP at all.
     let (tx, _rx) = mpsc::channel(8);
@@ -644,7 +468,7 @@ async fn an_offer_without_usable_video_fails_clearly() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ice_restart_keeps_media_flowing() -> Result<()> {
     let (mut session, first) =
-        connect(loopback_settings(VideoCodec::H264), ReceiverOptions::offering(chrome_like_h264())).await?;
+        connect(loopback_settings(VideoCodec::H264), viewer_options(OfferedCodec::chrome_like_h264()), true).await?;
     send_keyframe_and_check(&mut session, 1_000).await?;
 
     // Everything the first generation gathered has been reported by now.
@@ -659,12 +483,12 @@ async fn ice_restart_keeps_media_flowing() -> Result<()> {
     ensure!(!first_generation.is_empty());
 
     // The pilot's side restarts ICE: new credentials both ways, new candidates both ways.
-    let restart_offer = make_offer(&session.receiver, true).await?;
+    let restart_offer = session.viewer.restart_ice().await?;
     assert_ne!(ufrag(&restart_offer), ufrag(&first.offer), "the offer restarts ICE");
     let answer = session.video.renegotiate(&restart_offer).await?;
     assert!(ufrag(&answer).is_some());
     assert_ne!(ufrag(&answer), ufrag(&first.answer), "the answer restarts ICE too");
-    session.receiver.set_remote_description(RTCSessionDescription::answer(answer)?).await?;
+    session.viewer.apply_answer(&answer).await?;
 
     // The sender's sockets were rebound: its new candidates are not the old ones, and the new
     // generation ends with its own end-of-candidates.
@@ -683,18 +507,18 @@ async fn ice_restart_keeps_media_flowing() -> Result<()> {
     assert_eq!(session.video.negotiated().payload_type, PT_H264_MODE1);
 
     send_keyframe_and_check(&mut session, 2_000).await?;
-    assert_eq!(*session.receiver_state.borrow(), RTCPeerConnectionState::Connected);
+    assert_eq!(*session.viewer.state().borrow(), ConnectionState::Connected);
     assert_eq!(session.video.stats().await.state, "connected");
 
     session.video.close().await;
-    session.receiver.close().await?;
+    session.viewer.close().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_ends_with_state_closed() -> Result<()> {
     let (mut session, _) =
-        connect(loopback_settings(VideoCodec::H264), ReceiverOptions::offering(chrome_like_h264())).await?;
+        connect(loopback_settings(VideoCodec::H264), viewer_options(OfferedCodec::chrome_like_h264()), true).await?;
     let before = session.events.mark();
     session.video.close().await;
     session.events.wait_for("State(closed)", before, |e| *e == PeerEvent::State("closed".to_owned())).await?;
@@ -716,7 +540,7 @@ async fn close_ends_with_state_closed() -> Result<()> {
     .await
     .map_err(|_| anyhow!("the event stream did not end after close"))?;
     assert!(!rest.contains(&PeerEvent::State("closed".to_owned())), "closed twice: {rest:?}");
-    session.receiver.close().await?;
+    session.viewer.close().await;
     Ok(())
 }
 
@@ -766,16 +590,18 @@ async fn mdns_session() -> Result<()> {
     assert!(settings.mdns, "mDNS resolution is on by default");
     // The receiver does not learn the sender's candidates: the session can only come up if the
     // sender resolves the receiver's `.local` name and sends its checks there.
-    let options = ReceiverOptions {
-        codecs: chrome_like_h264(),
-        mdns_name: Some("tether-pilot-test.local".to_owned()),
-        learn_sender_candidates: false,
+    let options = ViewerOptions {
+        mdns: Some(MdnsHostName {
+            name: "tether-pilot-test.local".to_owned(),
+            ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        }),
+        ..viewer_options(OfferedCodec::chrome_like_h264())
     };
-    let (mut session, sdp) = connect(settings, options).await?;
+    let (mut session, sdp) = connect(settings, options, false).await?;
     ensure!(!sdp.answer.contains("a=candidate"), "the answer gave the receiver our candidates");
     let mut lines: Vec<String> =
         sdp.offer.lines().filter(|l| l.starts_with("a=candidate")).map(str::to_owned).collect();
-    while let Ok(c) = session.receiver_candidates.try_recv() {
+    while let Ok(c) = session.viewer_candidates.try_recv() {
         lines.push(c);
     }
     let real: Vec<&String> = lines.iter().filter(|l| !l.is_empty()).collect();
@@ -785,6 +611,6 @@ async fn mdns_session() -> Result<()> {
 
     send_keyframe_and_check(&mut session, 10).await?;
     session.video.close().await;
-    session.receiver.close().await?;
+    session.viewer.close().await;
     Ok(())
 }
