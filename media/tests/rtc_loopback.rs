@@ -169,7 +169,7 @@ async fn connect(
     options: ViewerOptions,
     learn_sender_candidates: bool,
 ) -> Result<(Session, Negotiation)> {
-    let NewViewer { viewer, offer, candidates, packets: mut rtp } = Viewer::new(&options).await?;
+    let NewViewer { viewer, offer, candidates, packets: mut rtp } = Viewer::offer(&options).await?;
     let viewer = Arc::new(viewer);
 
     let (events_tx, events_rx) = mpsc::channel(64);
@@ -431,7 +431,7 @@ async fn vp8_is_negotiated_when_the_encoder_is_vp8() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offer_without_usable_video_fails_clearly() -> Result<()> {
     // Audio only.
-    let NewViewer { viewer, offer, .. } = Viewer::new(&viewer_options(vec![OfferedCodec::opus()])).await?;
+    let NewViewer { viewer, offer, .. } = Viewer::offer(&viewer_options(vec![OfferedCodec::opus()])).await?;
     let (tx, mut rx) = mpsc::channel(8);
     let err = VideoSender::answer(&loopback_settings(VideoCodec::H264), &offer, tx).await.unwrap_err();
     assert!(matches!(err, RtcError::NoVideo { .. }), "{err}");
@@ -442,7 +442,7 @@ async fn an_offer_without_usable_video_fails_clearly() -> Result<()> {
     viewer.close().await;
 
     // H.264, but only in forms our encoder's output cannot be sent as (mode 0, High profile).
-    let NewViewer { viewer, offer, .. } = Viewer::new(&viewer_options(vec![
+    let NewViewer { viewer, offer, .. } = Viewer::offer(&viewer_options(vec![
         OfferedCodec::new("video/H264", H264_CB_MODE0, PT_H264_MODE0),
         OfferedCodec::new("video/H264", H264_HIGH_MODE1, PT_H264_HIGH),
     ]))
