@@ -299,7 +299,11 @@ impl State {
                 if state == "connected" {
                     // Packets written before the peer connected were dropped, the first
                     // keyframe with them: the new viewer needs one now, whatever the throttle.
-                    if let Some(p) = &self.pipeline {
+                    // (Unless nothing has come out yet: then the first frame is the keyframe,
+                    // and asking would break later requests; see `keyframe`.)
+                    if let Some(p) = &self.pipeline
+                        && p.stats().packets > 0
+                    {
                         p.request_keyframe();
                         self.last_keyframe = Instant::now();
                     }
@@ -335,7 +339,12 @@ impl State {
     }
 
     fn keyframe(&mut self) {
+        // Not before the pipeline's first packet: the encoder's first frame is a keyframe anyway,
+        // and a request that early makes GStreamer's encoder base class stamp it with x264enc's
+        // 1000-hour time offset, after which its min-force-key-unit-interval throttle refuses
+        // every later request (no keyframe on PLI for the pipeline's whole life).
         if let Some(p) = &self.pipeline
+            && p.stats().packets > 0
             && self.last_keyframe.elapsed() >= KEYFRAME_GAP
         {
             p.request_keyframe();
