@@ -891,7 +891,12 @@ fn build(
             let parse = make("h264parse", "h264parse")?;
             set_number_signed(&parse, "config-interval", -1);
             let pay = make("rtph264pay", "rtph264pay")?;
-            set_number_signed(&pay, "config-interval", -1);
+            // h264parse already puts SPS/PPS at the head of every keyframe. With -1 here the
+            // payloader inserts them again before *each* IDR slice, and x264 cuts a frame into
+            // several slices: parameter sets between two slices of one picture start a new
+            // access unit (H.264 7.4.1.2.3) and decoders drop the frame. 0 keeps the order legal;
+            // forced keyframes still carry all headers.
+            set_number_signed(&pay, "config-interval", 0);
             set_str(&pay, "aggregate-mode", "zero-latency");
             chain.extend([caps, parse, pay]);
         }
