@@ -49,11 +49,19 @@ commands:
   allow: ["uptime", "df", "free", "ip"]
 safety:
   policy: hold
+video:
+  enabled: true
+  source: testpattern
+  codec: h264
+  width: 960
+  height: 540
+  framerate: 25
 YAML
 )
 fi
 # Follow the port (and the socket path) if they changed since the file was written.
 sed -i "s#^serverAddress: .*#serverAddress: \"ws://127.0.0.1:${PORT}/ws\"#" "$DATA/boat.yaml"
+grep -q '^video:' "$DATA/boat.yaml" || printf 'video:\n  enabled: true\n  source: testpattern\n  width: 960\n  height: 540\n  framerate: 25\n' >> "$DATA/boat.yaml"
 grep -q '^  unixSocket:' "$DATA/boat.yaml" || sed -i "s#^telemetry:#telemetry:\n  unixSocket: \"${SOCKET}\"#" "$DATA/boat.yaml"
 sed -i "s#^  unixSocket: .*#  unixSocket: \"${SOCKET}\"#; s#^  simulator: true#  simulator: false#" "$DATA/boat.yaml"
 
@@ -92,7 +100,8 @@ cat <<MSG
     Health:        http://localhost:${PORT}/health
     Logs:          ${DATA}/relay.log, ${DATA}/agent.log, ${DATA}/boat.log
 
-  Log in with the key, open "Demo boat" and watch its telemetry.
+  Log in with the key, open "Demo boat", watch its telemetry and press Start video (the
+  boat's camera is a test pattern with a clock overlay).
   From a terminal:
     follow:  target/release/tether-pilot --relay http://localhost:${PORT} --api-key ${ADMIN_KEY} --device demo-boat
     steer:   ... --device demo-boat --waypoint 37.8150,-122.4250
