@@ -734,8 +734,13 @@ impl Config {
             );
         }
         for (i, s) in v.ice_servers.iter().enumerate() {
-            if s.urls.is_empty() || s.urls.iter().any(|u| !["stun:", "turn:", "turns:"].iter().any(|p| u.starts_with(p))) {
-                return bad(&format!("video.iceServers[{i}].urls"), "each URL starts with stun:, turn: or turns:".into());
+            if s.urls.is_empty()
+                || s.urls.iter().any(|u| !["stun:", "turn:", "turns:"].iter().any(|p| u.starts_with(p)))
+            {
+                return bad(
+                    &format!("video.iceServers[{i}].urls"),
+                    "each URL starts with stun:, turn: or turns:".into(),
+                );
             }
         }
         Ok(())

@@ -199,7 +199,11 @@ impl State {
                 .config
                 .ice_servers
                 .iter()
-                .map(|s| IceServer { urls: s.urls.clone(), username: s.username.clone(), credential: s.credential.clone() })
+                .map(|s| IceServer {
+                    urls: s.urls.clone(),
+                    username: s.username.clone(),
+                    credential: s.credential.clone(),
+                })
                 .collect(),
             codec,
             mdns: true,
@@ -231,7 +235,8 @@ impl State {
             return;
         }
         tracing::info!(session = %id, %pilot, negotiated = ?sender.negotiated(), "video session started");
-        self.sessions.insert(id.to_owned(), Session { pilot: pilot.to_owned(), sender: Arc::new(sender), estimate: None });
+        self.sessions
+            .insert(id.to_owned(), Session { pilot: pilot.to_owned(), sender: Arc::new(sender), estimate: None });
         self.send(pilot, json!({"subtype": "answer", "sessionID": id, "sdp": answer}));
         self.keyframe();
     }
