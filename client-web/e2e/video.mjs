@@ -219,6 +219,68 @@ if (opts.runs > 0) {
   timing.medianFirstFrameMs = first[Math.floor(first.length / 2)];
   timing.minFirstFrameMs = first[0];
   timing.maxFirstFrameMs = first[first.length - 1];
+
+  // Glass to glass: the agent's test pattern carries its capture time as a block code
+  // (media::gst::TIME_CODE_BITS: 40 bits of ms since the epoch + an 8-bit checksum, 24 blocks
+  // a row, two rows, bottom left). Each presented frame is drawn to a canvas, the code read back
+  // and compared with the time the frame is shown. Same host, same clock.
+  await step('04b-glass-to-glass', async () => {
+    await toggle().click();
+    await assertPlaying('glass to glass');
+    const g = await page.evaluate(async (n) => {
+      const v = document.getElementById('video-player');
+      const c = document.createElement('canvas');
+      const ctx = c.getContext('2d', { willReadFrequently: true });
+      const samples = [];
+      let unreadable = 0;
+      await new Promise((resolve) => {
+        const onFrame = (_now, meta) => {
+          const w = meta.width;
+          const h = meta.height;
+          c.width = w;
+          c.height = h;
+          ctx.drawImage(v, 0, 0, w, h);
+          const side = Math.max(4, Math.floor(w / 48)) & ~1;
+          const img = ctx.getImageData(0, h - 2 * side, 24 * side, 2 * side).data;
+          const bits = [];
+          for (let i = 0; i < 48; i++) {
+            const cx = (i % 24) * side + (side >> 1);
+            const cy = Math.floor(i / 24) * side + (side >> 1);
+            bits.push(img[(cy * 24 * side + cx) * 4] > 128 ? 1 : 0);
+          }
+          let value = 0;
+          for (let i = 0; i < 40; i++) value = value * 2 + bits[i];
+          let check = 0;
+          for (let i = 40; i < 48; i++) check = check * 2 + bits[i];
+          let sum = 0;
+          for (let k = 0, t = value; k < 5; k++, t = Math.floor(t / 256)) sum += t % 256;
+          if (sum % 256 !== check) {
+            unreadable++;
+          } else {
+            const shown = performance.timeOrigin + meta.expectedDisplayTime;
+            const period = 2 ** 40;
+            samples.push(shown - (value + Math.floor(shown / period) * period));
+          }
+          if (samples.length >= n || unreadable > 3 * n) resolve();
+          else v.requestVideoFrameCallback(onFrame);
+        };
+        v.requestVideoFrameCallback(onFrame);
+      });
+      return { samples, unreadable };
+    }, 60);
+    if (g.samples.length < 10) throw new Error(`the time code was readable in only ${g.samples.length} frames (${g.unreadable} unreadable)`);
+    const s = g.samples.slice().sort((a, b) => a - b);
+    timing.glassToGlass = {
+      frames: s.length,
+      unreadable: g.unreadable,
+      medianMs: Math.round(s[Math.floor(s.length / 2)]),
+      p90Ms: Math.round(s[Math.floor(s.length * 0.9)]),
+      minMs: Math.round(s[0]),
+      maxMs: Math.round(s[s.length - 1]),
+    };
+    await toggle().click();
+    await waitData('state', 'is', 'off');
+  });
 }
 console.log(`video e2e timing: ${JSON.stringify(timing)}`);
 

@@ -29,6 +29,7 @@ use gstreamer::glib;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
+use gstreamer_video::prelude::*;
 use tokio::sync::mpsc;
 
 /// Largest RTP packet the payloaders produce: leaves room for SRTP, TURN and VPN overheads under
@@ -847,9 +848,17 @@ fn build(
         }
     };
 
-    // The test pattern carries the wall-clock time so latency can be read off a received frame.
+    // The test pattern carries the wall-clock time so latency can be read off a received frame:
+    // as text for people, and as a block code (see `TIME_CODE_BITS`) for programs.
     let mut tail = raw_caps.clone();
     if settings.source == Source::TestPattern {
+        let i420 = make("capsfilter", "time-code-caps")?;
+        i420.set_property("caps", gst::Caps::builder("video/x-raw").field("format", "I420").build());
+        let convert1 = make("videoconvert", "videoconvert-time-code")?;
+        add(&[&convert1, &i420])?;
+        gst::Element::link_many([&tail, &convert1, &i420]).map_err(link_err)?;
+        stamp_time_code(&i420);
+        tail = i420;
         if element_exists("textoverlay") {
             let overlay = make("textoverlay", "clock-overlay")?;
             set_str(&overlay, "font-desc", "Monospace Bold 14");
@@ -974,6 +983,84 @@ fn link_dynamic(src: &gst::Element, sink: &gst::Element, caps_prefix: &'static s
     });
 }
 
+/// Bits of the test pattern's time code: 40 bits of milliseconds since the Unix epoch (modulo
+/// 2^40, about 34 years), most significant first, then an 8-bit checksum (the sum of those five
+/// bytes, modulo 256).
+///
+/// Layout, so a viewer can read it back: square blocks of side `max(4, width / 48)` rounded down
+/// to even, 24 per row, two rows, in the bottom-left corner (the first row starts at
+/// `height - 2 * side`); bit `i` is row `i / 24`, column `i % 24`; a 1 is bright (luma 235), a
+/// 0 dark (luma 16), chroma neutral. Read each block's centre pixel and compare against mid-grey.
+pub const TIME_CODE_BITS: usize = 48;
+
+/// The block side of the time code for a frame `width` pixels wide.
+pub fn time_code_block(width: u32) -> u32 {
+    (width / 48).max(4) & !1
+}
+
+/// The 48 bits for `ms` milliseconds since the Unix epoch.
+pub fn time_code_bits(ms: u64) -> [bool; TIME_CODE_BITS] {
+    let v = ms & ((1 << 40) - 1);
+    let bytes = v.to_be_bytes();
+    let sum = bytes[3..].iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    let word = (v << 8) | u64::from(sum);
+    std::array::from_fn(|i| word >> (TIME_CODE_BITS - 1 - i) & 1 == 1)
+}
+
+/// Reads a time code back (the 40-bit millisecond value) if the checksum holds.
+pub fn time_code_value(bits: &[bool; TIME_CODE_BITS]) -> Option<u64> {
+    let word = bits.iter().fold(0u64, |a, b| (a << 1) | u64::from(*b));
+    let v = word >> 8;
+    let sum = v.to_be_bytes()[3..].iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    (sum == (word & 0xff) as u8).then_some(v)
+}
+
+/// Paints the time code of `ms` into an I420 frame's planes.
+fn paint_time_code(frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>, ms: u64) {
+    let (w, h) = (frame.width(), frame.height());
+    let side = time_code_block(w);
+    if 24 * side > w || 2 * side > h {
+        return;
+    }
+    let y0 = h - 2 * side;
+    let bits = time_code_bits(ms);
+    let strides: Vec<usize> = frame.plane_stride().iter().map(|s| *s as usize).collect();
+    for (plane, stride) in strides.iter().enumerate().take(3) {
+        // Chroma planes are half size both ways in I420.
+        let shift = u32::from(plane > 0);
+        let Ok(data) = frame.plane_data_mut(plane as u32) else { return };
+        for (i, bit) in bits.iter().enumerate() {
+            let (bx, by) = ((i % 24) as u32 * side, y0 + (i / 24) as u32 * side);
+            let value = if plane > 0 { 128 } else if *bit { 235 } else { 16 };
+            for y in (by >> shift)..((by + side) >> shift) {
+                let row = y as usize * stride;
+                let (from, to) = (row + (bx >> shift) as usize, row + ((bx + side) >> shift) as usize);
+                if let Some(px) = data.get_mut(from..to) {
+                    px.fill(value);
+                }
+            }
+        }
+    }
+}
+
+/// Paints the wall-clock time code into each frame leaving `element`'s source pad (I420).
+fn stamp_time_code(element: &gst::Element) {
+    let Some(pad) = element.static_pad("src") else {
+        return;
+    };
+    pad.add_probe(gst::PadProbeType::BUFFER, |pad, info| {
+        let Some(info_caps) = pad.current_caps() else { return gst::PadProbeReturn::Ok };
+        let Ok(video) = gst_video::VideoInfo::from_caps(&info_caps) else { return gst::PadProbeReturn::Ok };
+        if let Some(gst::PadProbeData::Buffer(buffer)) = info.data.as_mut() {
+            let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            if let Ok(mut frame) = gst_video::VideoFrameRef::from_buffer_ref_writable(buffer.make_mut(), &video) {
+                paint_time_code(&mut frame, ms);
+            }
+        }
+        gst::PadProbeReturn::Ok
+    });
+}
+
 /// Rewrites the overlay's text with the wall-clock time of each frame as it passes.
 fn stamp_wall_clock(overlay: &gst::Element) {
     let Some(pad) = overlay.static_pad("video_sink") else {
@@ -1088,6 +1175,39 @@ pub fn vp8_rtp_is_keyframe(rtp_packet: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_codes_round_trip_and_catch_misreads() {
+        let ms = 1_795_341_563_557u64;
+        let mut bits = time_code_bits(ms);
+        assert_eq!(time_code_value(&bits), Some(ms & ((1 << 40) - 1)));
+        bits[5] = !bits[5];
+        assert_eq!(time_code_value(&bits), None, "a flipped bit fails the checksum");
+        assert_eq!(time_code_block(640), 12);
+        assert_eq!(time_code_block(100), 4);
+    }
+
+    #[test]
+    fn the_time_code_is_painted_where_viewers_read_it() {
+        init().unwrap();
+        let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::I420, 320, 240).build().unwrap();
+        let mut buffer = gst::Buffer::with_size(info.size()).unwrap();
+        let ms = 1_700_000_000_123u64;
+        {
+            let mut frame =
+                gst_video::VideoFrameRef::from_buffer_ref_writable(buffer.get_mut().unwrap(), &info).unwrap();
+            paint_time_code(&mut frame, ms);
+        }
+        let frame = gst_video::VideoFrame::from_buffer_readable(buffer, &info).unwrap();
+        let (y, stride) = (frame.plane_data(0).unwrap(), frame.plane_stride()[0] as usize);
+        let side = time_code_block(320) as usize;
+        let y0 = 240 - 2 * side;
+        let bits: [bool; TIME_CODE_BITS] = std::array::from_fn(|i| {
+            let (cx, cy) = ((i % 24) * side + side / 2, y0 + (i / 24) * side + side / 2);
+            y[cy * stride + cx] > 128
+        });
+        assert_eq!(time_code_value(&bits), Some(ms & ((1 << 40) - 1)));
+    }
 
     #[test]
     fn wall_clock_text_has_milliseconds() {
