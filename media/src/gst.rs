@@ -1031,7 +1031,13 @@ fn paint_time_code(frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>, ms
         let Ok(data) = frame.plane_data_mut(plane as u32) else { return };
         for (i, bit) in bits.iter().enumerate() {
             let (bx, by) = ((i % 24) as u32 * side, y0 + (i / 24) as u32 * side);
-            let value = if plane > 0 { 128 } else if *bit { 235 } else { 16 };
+            let value = if plane > 0 {
+                128
+            } else if *bit {
+                235
+            } else {
+                16
+            };
             for y in (by >> shift)..((by + side) >> shift) {
                 let row = y as usize * stride;
                 let (from, to) = (row + (bx >> shift) as usize, row + ((bx + side) >> shift) as usize);
