@@ -515,8 +515,12 @@ impl Agent {
                 }
                 Event::Backfill => {
                     if let (Some(l), Some(f)) = (self.link.as_ref(), self.backlog.pop_front()) {
-                        if let Err(mpsc::error::TrySendError::Full(Out::Frame(f))) =
-                            l.tx.try_send(Out::Frame(Box::new(f)))
+                        // A full writer, or one that just stopped (the link is going down): the
+                        // frame goes back to the head of the backlog, never lost.
+                        if let Err(
+                            mpsc::error::TrySendError::Full(Out::Frame(f))
+                            | mpsc::error::TrySendError::Closed(Out::Frame(f)),
+                        ) = l.tx.try_send(Out::Frame(Box::new(f)))
                         {
                             self.backlog.push_front(*f);
                         }

@@ -3,12 +3,10 @@
 //! secret and `X-Client-ID`, cap transfers at 64 MiB, and work over plain HTTP and TLS alike.
 
 mod common;
-use std::sync::Arc;
 
 use common::*;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::ServerName;
 
 const CAP: u64 = 64 * 1024 * 1024;
@@ -143,33 +141,10 @@ async fn both_need_the_device_credentials() {
     r.stop().await;
 }
 
-fn client_config(trusted: &rcgen::Certificate) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(trusted.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
-
 #[tokio::test]
 async fn works_over_tls_on_the_same_port() {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    let r = start_relay_with(|c| {
-        c.tls_cert = Some(cert_path.clone());
-        c.tls_key = Some(key_path.clone());
-    })
-    .await;
+    let TlsRelay { relay: r, client: config, files: _files, .. } = start_tls_relay().await;
     let secret = r.create_device("boat-1", "default");
-    let config = client_config(&cert.cert);
     let connect = async || {
         let tcp = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
         tokio_rustls::TlsConnector::from(config.clone())

@@ -14,19 +14,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-fn client_config(trusted: &rcgen::Certificate) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(trusted.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
-
 async fn tls_connect(
     addr: std::net::SocketAddr,
     config: Arc<rustls::ClientConfig>,
@@ -37,18 +24,8 @@ async fn tls_connect(
 
 #[tokio::test]
 async fn https_and_wss_with_a_certificate_made_at_test_time() {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    let r = start_relay_with(|c| {
-        c.tls_cert = Some(cert_path.clone());
-        c.tls_key = Some(key_path.clone());
-    })
-    .await;
+    let TlsRelay { relay: r, client: config, files: _files, .. } = start_tls_relay().await;
     let secret = r.create_device("boat-1", "default");
-    let config = client_config(&cert.cert);
 
     // HTTPS: /health over TLS.
     let mut s = tls_connect(r.addr(), config.clone()).await.unwrap();
@@ -78,7 +55,7 @@ async fn https_and_wss_with_a_certificate_made_at_test_time() {
 
     // A client that does not trust the certificate cannot connect; plain HTTP gets nothing.
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    assert!(tls_connect(r.addr(), client_config(&other.cert)).await.is_err());
+    assert!(tls_connect(r.addr(), tls_client_config(&other.cert)).await.is_err());
     let plain = reqwest::get(r.http("/health")).await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
     r.stop().await;

@@ -319,3 +319,43 @@ pub async fn call(
     let text = resp.text().await.unwrap();
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
+
+/// A relay serving HTTPS/WSS with a certificate made now (rcgen, for `localhost`), and a client
+/// configuration that trusts exactly that certificate.
+pub struct TlsRelay {
+    pub relay: TestRelay,
+    pub cert: rcgen::CertifiedKey<rcgen::KeyPair>,
+    pub client: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    /// The PEM files; removed when dropped.
+    pub files: tempfile::TempDir,
+}
+
+pub async fn start_tls_relay() -> TlsRelay {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let relay = start_relay_with(|c| {
+        c.tls_cert = Some(cert_path.clone());
+        c.tls_key = Some(key_path.clone());
+    })
+    .await;
+    let client = tls_client_config(&cert.cert);
+    TlsRelay { relay, cert, client, files }
+}
+
+/// A rustls client configuration trusting only `trusted`.
+pub fn tls_client_config(trusted: &rcgen::Certificate) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trusted.der().clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
