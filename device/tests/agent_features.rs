@@ -79,15 +79,16 @@ impl Robot {
     }
 }
 
-/// Telemetry frames of `stream` by sequence number, until `last` has arrived.
-async fn collect_stream(p: &mut Ws, stream: &str, last: u64) -> BTreeMap<u64, Value> {
-    let mut got = BTreeMap::new();
-    while !got.contains_key(&last) {
+/// Telemetry frames by stream and sequence number, until each `(stream, last)` has arrived.
+/// One pass over the link: the streams interleave, so reading them one after the other would
+/// throw away the second stream's early frames.
+async fn collect_streams(p: &mut Ws, want: &[(&str, u64)]) -> BTreeMap<String, BTreeMap<u64, Value>> {
+    let mut got: BTreeMap<String, BTreeMap<u64, Value>> = BTreeMap::new();
+    while !want.iter().all(|(s, last)| got.get(*s).is_some_and(|m| m.contains_key(last))) {
         let f = frame(p).await;
-        if f["payload"]["stream"] == stream {
-            let seq = f["payload"]["sequence"].as_u64().unwrap();
-            assert!(got.insert(seq, f).is_none(), "sequence {seq} delivered twice");
-        }
+        let stream = f["payload"]["stream"].as_str().unwrap_or_default().to_owned();
+        let seq = f["payload"]["sequence"].as_u64().unwrap();
+        assert!(got.entry(stream).or_default().insert(seq, f).is_none(), "sequence {seq} delivered twice");
     }
     got
 }
@@ -117,13 +118,15 @@ async fn local_telemetry_reaches_pilots_and_survives_a_relay_restart_as_backfill
             .send(json!({"type":"telemetry","stream":"nav","timestamp":1_700_000_000_000u64 + i,"data":{"i":i}}))
             .await;
     }
-    let imu = collect_stream(&mut p, "imu", 4).await;
+    let mut live = collect_streams(&mut p, &[("imu", 4), ("nav", 4)]).await;
+    let imu = live.remove("imu").unwrap();
     assert_eq!(imu.keys().copied().collect::<Vec<_>>(), (0..5).collect::<Vec<_>>());
     for f in imu.values() {
         assert_eq!(f["payload"]["relay"]["verdict"], "ok", "{f}");
         assert_eq!(f["from"], "boat-7");
     }
-    let nav = collect_stream(&mut p, "nav", 4).await;
+    let nav = live.remove("nav").unwrap();
+    assert_eq!(nav.keys().copied().collect::<Vec<_>>(), (0..5).collect::<Vec<_>>());
     assert_eq!(nav[&3]["payload"]["timestamp"], 1_700_000_000_003u64, "the robot's own timestamp is kept");
     // A malformed datagram gets an error back and disturbs nothing.
     udp.send_to(b"{not json", &agent_udp).await.unwrap();
