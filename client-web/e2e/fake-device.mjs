@@ -1,7 +1,9 @@
 // A stand-in for the device agent's video, for checking the console without GStreamer or the
 // agent: a Chromium page that logs in as the device (first-message `auth`, protocol 3.1),
 // answers the console's `webrtc` offers with a canvas animation of the requested size, trickles
-// its candidates and ends sessions on `bye`, like device/src/video.rs does.
+// its candidates, reports its peer's connection state (`state`) and ends sessions on `bye`
+// (`moved_to_sfu` too), like device/src/video.rs does. The relay's SFU is a pilot like any
+// other to it (`from` `relay`, a sessionID starting with `sfu-`).
 //
 //   import { startFakeDevice } from './fake-device.mjs';
 //   const device = await startFakeDevice(browser, { base, deviceId, secret, width, height, fps });
@@ -63,6 +65,8 @@ export async function startFakeDevice(browser, { base, deviceId, secret, width =
         signal(pilot, { subtype: 'ice_candidate', sessionID: id, candidate: c.candidate, sdpMid: c.sdpMid, sdpMLineIndex: c.sdpMLineIndex });
       };
       pc.onconnectionstatechange = () => {
+        // Reported like the agent does: the relay decides `auto` sessions on these.
+        signal(pilot, { subtype: 'state', sessionID: id, state: pc.connectionState });
         if (pc.connectionState === 'closed' || pc.connectionState === 'failed') end(id);
       };
       return s;

@@ -10,14 +10,20 @@
 //   --no-recovery    skip the relay-reconnect and bye steps
 //   --fake-device S  play the device too: a Chromium page logs in as <device-id> with secret S
 //                    and answers with a canvas (fake-device.mjs); checks the console alone
+//   --mode M         choose video mode M (auto | p2p | sfu) in the panel's selector before the
+//                    first Start (default: leave the selector at its default, auto); every offer
+//                    must ask for it (`sfu` after the relay moved an `auto` session to its SFU)
+//   --expect-mode M  after the first frame the panel's data-mode must be M (p2p | sfu); so must
+//                    every later fresh session's, and the one after the ICE restart when --mode
+//                    is p2p or sfu (an `auto` session may move to the SFU during the blip)
 // Steps: log in, open the device, Start video, frames decoded at the configured size; Stop
 // says bye; N timed starts (click to the first presented frame, measured in the page with
 // requestVideoFrameCallback); the media path drops every packet (Chromium's WebRTC network
 // emulation) until the console restarts ICE on the same session; the relay WebSocket is cut
 // (routed through Playwright) and the console starts a new session by itself; a `bye` is
 // shown with its reason and Start works again.
-// Prints `video e2e timing: {json}` and, on success, `video e2e: all steps passed`; exits 1
-// with what failed otherwise.
+// Prints `video e2e timing: {json}` (with `mode`: the panel's data-mode after the first frame)
+// and, on success, `video e2e: all steps passed`; exits 1 with what failed otherwise.
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
 import { startFakeDevice } from './fake-device.mjs';
@@ -33,14 +39,22 @@ for (let i = 0; i < args.length; i++) {
   else if (a === '--height') opts.height = Number(args[++i]);
   else if (a === '--runs') opts.runs = Number(args[++i]);
   else if (a === '--fake-device') opts.fakeSecret = args[++i];
+  else if (a === '--mode') opts.mode = args[++i];
+  else if (a === '--expect-mode') opts.expectMode = args[++i];
   else positional.push(a);
 }
 const [base, key, deviceId, shots] = positional;
-if (!base || !key || !deviceId || !shots) {
-  console.error('usage: node video.mjs <base-url> <api-key> <device-id> <screenshot-dir> [--no-mdns] [--width N --height N] [--runs N] [--no-recovery]');
+const badMode = (opts.mode !== undefined && !['auto', 'p2p', 'sfu'].includes(opts.mode)) ||
+  (opts.expectMode !== undefined && !['p2p', 'sfu'].includes(opts.expectMode));
+if (!base || !key || !deviceId || !shots || badMode) {
+  console.error('usage: node video.mjs <base-url> <api-key> <device-id> <screenshot-dir> [--no-mdns] [--width N --height N] [--runs N] [--no-recovery] [--fake-device SECRET] [--mode auto|p2p|sfu] [--expect-mode p2p|sfu]');
   process.exit(2);
 }
-const variant = `${opts.fakeSecret ? 'fake-' : ''}${opts.mdns ? 'mdns' : 'plain'}`;
+const variant = `${opts.fakeSecret ? 'fake-' : ''}${opts.mdns ? 'mdns' : 'plain'}${opts.mode ? `-${opts.mode}` : ''}`;
+/** The mode every offer asks for first: the selector's choice, `auto` by default. */
+const asked = opts.mode ?? 'auto';
+/** The mode a playing session must be in: given, or implied by a fixed choice; null: p2p or sfu. */
+const fixedMode = opts.expectMode ?? (opts.mode === 'p2p' || opts.mode === 'sfu' ? opts.mode : null);
 mkdirSync(shots, { recursive: true });
 
 const browser = await chromium.launch({
@@ -108,10 +122,21 @@ async function openConsole() {
   await row.click();
   await page.waitForFunction(() => /connected/.test(document.querySelector('[data-testid="conn-status"]')?.textContent || ''), null, t);
   await panel().waitFor({ state: 'visible', ...t });
+  // A fresh browser context: the selector starts at the default, and remembers a choice.
+  const select = page.getByTestId('video-mode-select');
+  if ((await select.inputValue()) !== 'auto') throw new Error(`the mode selector starts at ${await select.inputValue()}, not auto`);
+  if (opts.mode) {
+    await select.selectOption(opts.mode);
+    const kept = await page.evaluate(() => localStorage.getItem('tether.videoMode'));
+    if (kept !== opts.mode) throw new Error(`the chosen mode was not remembered (localStorage has ${kept})`);
+  }
 }
 
-/** Waits for the current session to be live with frames decoding at the configured size. */
-async function assertPlaying(label) {
+/**
+ * Waits for the current session to be live with frames decoding at the configured size, in
+ * mode `fixedMode` unless `anyMode` (then p2p or sfu).
+ */
+async function assertPlaying(label, { anyMode = false } = {}) {
   await waitData('state', 'is', 'live');
   await waitData('framesDecoded', 'above', 0);
   const f1 = Number(await data('framesDecoded'));
@@ -125,7 +150,12 @@ async function assertPlaying(label) {
   if (!size.playing) throw new Error(`${label}: the <video> element is not playing`);
   const shown = await page.getByTestId('video-resolution').textContent();
   if (shown !== `${opts.width}×${opts.height}`) throw new Error(`${label}: the panel shows resolution ${shown}`);
-  if ((await data('mode')) !== 'p2p') throw new Error(`${label}: mode is ${await data('mode')}`);
+  const mode = await data('mode');
+  if (mode !== 'p2p' && mode !== 'sfu') throw new Error(`${label}: mode is "${mode}"`);
+  if (fixedMode && !anyMode && mode !== fixedMode) {
+    throw new Error(`${label}: mode is ${mode} (reason "${await data('modeReason')}"), expected ${fixedMode}`);
+  }
+  if ((await page.getByTestId('video-mode-label').textContent()) === '') throw new Error(`${label}: the mode in use is not shown`);
   return Number(await data('framesDecoded'));
 }
 
@@ -151,6 +181,10 @@ recordSignaling(page);
 
 await step('01-open-device', openConsole);
 
+/** The panel's data-mode (and its reason) after the first frame of the first session. */
+let firstMode = null;
+let firstModeReason = null;
+
 await step('02-video-live', async () => {
   if ((await data('state')) !== 'off') throw new Error(`panel starts in state ${await data('state')}`);
   await toggle().click();
@@ -162,9 +196,24 @@ await step('02-video-live', async () => {
   }
   const codec = await page.getByTestId('video-codec').textContent();
   if (!/^(H264|VP8)/i.test(codec)) throw new Error(`codec shown as ${codec}`);
-  // Signaling as the protocol says: one offer with a correlationID, candidates without.
+  firstMode = await data('mode');
+  firstModeReason = await data('modeReason');
+  const id = await data('sessionId');
+  // Signaling as the protocol says: one offer with a correlationID, candidates without; two
+  // when the relay moved an `auto` session to its SFU (the second on the same session, asking
+  // for `sfu`). Every offer names the mode.
   const offers = sent.filter((m) => m.payload.subtype === 'offer');
-  if (offers.length !== 1 || !offers[0].correlationID || offers[0].clientID !== deviceId) throw new Error(`offers sent: ${JSON.stringify(offers).slice(0, 300)}`);
+  const moved = received.some((m) => m.payload.subtype === 'mode' && m.payload.sessionID === id &&
+    m.payload.mode === 'sfu' && ['p2p_timeout', 'p2p_failed'].includes(m.payload.reason));
+  if (offers.length !== (moved ? 2 : 1) || offers.some((o) => !o.correlationID || o.clientID !== deviceId || o.payload.sessionID !== id)) {
+    throw new Error(`offers sent${moved ? ' (moved to the SFU)' : ''}: ${JSON.stringify(offers).slice(0, 300)}`);
+  }
+  if (offers[0].payload.mode !== asked) throw new Error(`the offer asked for mode ${offers[0].payload.mode}, expected ${asked}`);
+  if (moved && offers[1].payload.mode !== 'sfu') throw new Error(`the offer after the move to the SFU asked for ${offers[1].payload.mode}`);
+  // The peer's connection state, reported to the relay as it changes (no correlationID).
+  const states = sent.filter((m) => m.payload.subtype === 'state' && m.payload.sessionID === id);
+  if (!states.some((m) => m.payload.state === 'connected')) throw new Error(`no state "connected" reported: ${JSON.stringify(states.map((m) => m.payload.state))}`);
+  if (states.some((m) => m.correlationID || m.clientID !== deviceId)) throw new Error('a state report carried a correlationID or no clientID');
   const mine = sent.filter((m) => m.payload.subtype === 'ice_candidate');
   if (mine.some((m) => m.correlationID)) throw new Error('a trickled candidate carried a correlationID');
   const host = mine.map((m) => m.payload.candidate).filter((c) => / typ host/.test(c));
@@ -174,7 +223,10 @@ await step('02-video-live', async () => {
   if (!opts.mdns && hidden.length) throw new Error(`expected plain host candidates, sent: ${host.join(' | ')}`);
   if (!mine.some((m) => m.payload.candidate === '')) throw new Error('the console sent no end-of-candidates');
   const theirs = received.filter((m) => m.payload.subtype === 'ice_candidate' && m.payload.candidate);
-  if (!received.some((m) => m.payload.subtype === 'answer')) throw new Error('no answer received');
+  const answers = received.filter((m) => m.payload.subtype === 'answer' && m.payload.sessionID === id);
+  if (!answers.length) throw new Error('no answer received');
+  if (firstMode === 'sfu' && answers[answers.length - 1].payload.mode !== 'sfu') throw new Error('the SFU\'s answer does not say "mode":"sfu"');
+  console.log(`  ${variant}: mode ${firstMode}${firstModeReason ? ` (${firstModeReason})` : ''}, asked for ${asked}${moved ? '; moved to the SFU' : ''}`);
   console.log(`  ${variant}: console host candidates ${host.map((c) => c.split(' ')[4]).join(', ')}; device candidates ${theirs.map((m) => m.payload.candidate.split(' ').slice(4, 6).join(':')).join(', ')}`);
   console.log(`  ${variant}: first frame ${await data('firstFrameMs')} ms after the click (answer ${await data('answerMs')} ms, connected ${await data('connectedMs')} ms)`);
 });
@@ -198,16 +250,19 @@ async function waitUntil(pred, what, timeout = t.timeout) {
 }
 
 // ---- click to first frame, several times --------------------------------------------------------
-const timing = { variant, width: opts.width, height: opts.height, runs: [] };
+const timing = { variant, width: opts.width, height: opts.height, mode: firstMode, modeReason: firstModeReason, runs: [] };
 if (opts.runs > 0) {
   await step('04-timing', async () => {
     for (let i = 0; i < opts.runs; i++) {
       await toggle().click();
       await waitData('firstFrameMs', 'set');
+      const mode = await data('mode');
+      if (fixedMode && mode !== fixedMode) throw new Error(`run ${i + 1}: mode is ${mode}, expected ${fixedMode}`);
       timing.runs.push({
         firstFrameMs: Number(await data('firstFrameMs')),
         answerMs: Number(await data('answerMs')),
         connectedMs: Number(await data('connectedMs')),
+        mode,
       });
       await toggle().click();
       await waitData('state', 'is', 'off');
@@ -305,11 +360,12 @@ if (opts.recovery) {
     await waitData('state', 'is', 'recovering', 30000);
     await waitData('iceRestarts', 'above', 0, 30000);
     await conditions(0);
-    await assertPlaying('after the ICE restart');
+    // An `auto` session may have been moved to the SFU meanwhile (a side reported `failed`).
+    await assertPlaying('after the ICE restart', { anyMode: !(opts.mode === 'p2p' || opts.mode === 'sfu') });
     if ((await data('sessionId')) !== id) throw new Error('the ICE restart started a new session instead');
     const offers = sent.filter((m) => m.payload.subtype === 'offer' && m.payload.sessionID === id);
     if (offers.length < 2) throw new Error(`expected a restart offer on session ${id}, saw ${offers.length} offer(s)`);
-    console.log(`  ${variant}: recovered after ${await data('iceRestarts')} ICE restart(s)`);
+    console.log(`  ${variant}: recovered after ${await data('iceRestarts')} ICE restart(s), mode ${await data('mode')}`);
     await cdp.detach();
     await toggle().click();
     await waitData('state', 'is', 'off');

@@ -1,5 +1,5 @@
-// Live video from the open device, peer to peer, signaled over the console's one WebSocket to
-// the relay (protocol section 4.13, `webrtc`).
+// Live video from the open device, peer to peer or through the relay's SFU, signaled over the
+// console's one WebSocket to the relay (protocol section 4.13, `webrtc`).
 //
 // VideoLink owns the RTCPeerConnection and the signaling of one session at a time; it has no
 // DOM and reports through events:
@@ -9,7 +9,9 @@
 //   stats    the figures of the latest getStats() sample (once a second while a peer exists)
 //
 // VideoPanel renders a VideoLink into the #video-panel skeleton of index.html, plays the
-// stream and exposes what tests read as data-* attributes on the panel.
+// stream and exposes what tests read as data-* attributes on the panel (among them data-mode,
+// `p2p` | `sfu` once known, data-mode-reason, the relay's reason, and data-mode-requested), and
+// keeps the pilot's choice of mode (the selector, remembered in localStorage).
 //
 // How a session goes: start() picks a fresh sessionID, creates a peer with one receive-only
 // video transceiver, sends the `offer` (the only message with a correlationID, so the relay's
@@ -20,6 +22,18 @@
 // restart offer. When the relay link drops, the relay ends the session (the device hears
 // `pilot_left`), so once the console is connected again a new session starts if video was on.
 // A `bye` from the relay or the device ends the session with its reason; Start begins again.
+//
+// Modes: every offer carries the mode the pilot chose (`auto`, `p2p` or `sfu`); the relay says
+// which one the session is in and why (`mode`). In `sfu` the relay answers the offer itself and
+// forwards the device's video. An `auto` session tries peer to peer first, and the relay moves it
+// to its SFU when no direct path connects within its deadline (it says how long in the `mode`
+// message) or a side reports `failed`: this console then closes its peer and sends a fresh offer
+// on the same session to the relay (a new peer *generation*; signaling that belongs to the
+// abandoned peer is dropped). So the relay can decide, every change of the peer's connection
+// state is reported to it (`state`), and while an `auto` session is still peer to peer no ICE
+// restart is tried before the relay's deadline has passed (or, after `failed`, before it had a
+// moment to move the session). In `sfu` and `p2p` ICE restarts work as they always did: a new
+// offer on the session, answered by the relay's SFU or by the device.
 
 /** ICE `disconnected` for this long (a blip that did not heal by itself) triggers a restart. */
 const DISCONNECTED_GRACE_MS = 3000;
@@ -33,6 +47,14 @@ const ANSWER_TIMEOUT_MS = 15000;
 const STATS_EVERY_MS = 1000;
 /** No new frame for this long while connected is shown as a frozen picture. */
 const STALL_MS = 2500;
+/** What the pilot may choose. `auto` is the default. */
+export const VIDEO_MODES = ['auto', 'p2p', 'sfu'];
+/** The relay's --p2p-timeout when its `mode` message does not say (protocol 4.13). */
+const P2P_TIMEOUT_MS = 5000;
+/** Slack on top of the relay's deadline before this console acts on its own. */
+const DECISION_MARGIN_MS = 2000;
+/** After `failed` in an `auto` session still peer to peer: how long the relay has to move it. */
+const FAILED_GRACE_MS = 3000;
 
 /** Why a session ended, for people. Unknown reasons are shown as they came. */
 const BYE_REASONS = {
@@ -48,7 +70,47 @@ const BYE_REASONS = {
   forbidden: 'you are not allowed to view this device',
   unknown_target: 'the device is not in your organisation',
   peer_error: 'this browser could not set up the connection',
+  moved_to_sfu: 'the relay moved the video to its SFU',
+  publisher_left: "the device's stream to the relay ended",
+  sfu_failed: 'the relay could not carry the video through its SFU',
+  sfu_unsupported: 'this relay has no SFU (started with --no-sfu): choose Auto or Peer to peer',
+  no_viewers: "the relay stopped the device's stream: nobody was watching",
 };
+
+/** The modes, for people. */
+export const MODE_NAMES = { auto: 'Auto', p2p: 'Peer to peer', sfu: 'Through relay (SFU)' };
+
+/** The seconds in a relay message such as "... within 5 s ...", or null. */
+function secondsIn(message) {
+  const m = /within\s+(\d+(?:\.\d+)?)\s*s\b/.exec(message || '');
+  return m ? Number(m[1]) : null;
+}
+
+/**
+ * Why the session is in its mode, for people: "trying direct first", "no direct path within 5 s".
+ * `connected`: the current peer is connected (an `auto` session that made it peer to peer).
+ */
+export function describeModeReason(reason, message, connected = false) {
+  const secs = secondsIn(message);
+  switch (reason) {
+    case 'requested':
+      return 'as chosen';
+    case 'default':
+      return "the relay's default";
+    case 'auto_p2p_first':
+      return connected ? 'direct path connected' : 'trying direct first';
+    case 'viewers':
+      return 'several pilots watch this device';
+    case 'p2p_timeout':
+      return secs != null ? `no direct path within ${secs} s` : 'no direct path in time';
+    case 'p2p_failed':
+      return 'the direct path failed';
+    case 'sfu_disabled':
+      return 'this relay has no SFU';
+    default:
+      return reason ? String(reason) : '';
+  }
+}
 
 /** A readable sentence for an end reason and the optional detail that came with it. */
 export function describeEnd(reason, message) {
@@ -100,6 +162,8 @@ export class VideoLink extends EventTarget {
     this.endReason = null;
     this.endMessage = null;
     this.sessions = 0; // sessions started since the device was opened
+    /** The mode the pilot chose (see setMode()): what the next offer asks for. */
+    this.mode = 'auto';
     this.s = null; // the current session, see _begin()
     /** Ids of the last few sessions, to recognise the relay's refusals of their late messages. */
     this.recent = new Set();
@@ -122,6 +186,23 @@ export class VideoLink extends EventTarget {
     this.wanted = true;
     this.endReason = this.endMessage = null;
     this._begin(performance.now());
+  }
+
+  /**
+   * The pilot chose a mode (one of VIDEO_MODES). Video that is on starts again in it: a `bye`
+   * for the current session and a new one, since the relay decides a session's mode on its
+   * first offer.
+   */
+  setMode(mode) {
+    if (!VIDEO_MODES.includes(mode) || mode === this.mode) return;
+    this.mode = mode;
+    const s = this.s;
+    if (this.wanted && s && !s.relayLost && s.requested !== mode) {
+      this._log('system', `video mode ${MODE_NAMES[mode]}: starting a new session`);
+      this._send({ type: 'webrtc', clientID: this.deviceID, payload: { subtype: 'bye', sessionID: s.id, reason: 'mode_changed' } });
+      this.endReason = this.endMessage = null;
+      this._begin(performance.now());
+    } else this._emit('change');
   }
 
   /** Stop pressed (`stopped`) or the view closed (`closed`): says `bye` and closes the peer. */
@@ -178,11 +259,16 @@ export class VideoLink extends EventTarget {
     }
     if (!s || !msg.correlationID || !s.offers.has(msg.correlationID)) return false;
     if (msg.type === 'ack') {
-      if (this.state === 'starting' && p.status === 'delivered') this._set('starting', "offer delivered, waiting for the device's answer");
+      if (this.state === 'starting' && p.status === 'delivered') {
+        this._set('starting', s.peerMode === 'sfu' ? "offer delivered, waiting for the relay's answer" : "offer delivered, waiting for the device's answer");
+      }
       return true;
     }
     if (msg.type === 'error') {
-      this._end(typeof p.code === 'string' ? p.code : 'error', typeof p.message === 'string' ? p.message : null);
+      let code = typeof p.code === 'string' ? p.code : 'error';
+      // A relay without the SFU refuses `sfu` offers: say that, not "the agent has no video".
+      if (code === 'unsupported' && s.offerModes.get(msg.correlationID) === 'sfu') code = 'sfu_unsupported';
+      this._end(code, typeof p.message === 'string' ? p.message : null);
       return true;
     }
     if (msg.type === 'command_result' && p.ok === false) {
@@ -202,6 +288,11 @@ export class VideoLink extends EventTarget {
     this._emit('change');
   }
 
+  /** The mode the current session is in (`p2p` | `sfu`); null without one or until known. */
+  currentMode() {
+    return this.s ? this._modeOf(this.s) : null;
+  }
+
   /** Everything the panel shows, as plain data. */
   snapshot() {
     const s = this.s;
@@ -212,6 +303,17 @@ export class VideoLink extends EventTarget {
       detail: this.detail,
       wanted: this.wanted,
       sessionID: s ? s.id : null,
+      /** The mode chosen for the next session, and the one the current session asked for. */
+      chosenMode: this.mode,
+      requestedMode: s ? s.requested : null,
+      /** The mode in use (`p2p` | `sfu`, null until known) and the relay's why. */
+      mode: s ? this._modeOf(s) : null,
+      modeAuto: s ? s.auto : null,
+      modeReason: s ? s.modeReason : null,
+      modeMessage: s ? s.modeMessage : null,
+      /** Peer connections in this session: 1, 2 after a move to the SFU. */
+      generation: s ? s.gen : 0,
+      peerConnected: !!(s && s.genConnected),
       connectionState: s ? s.pc.connectionState : null,
       iceState: s ? s.pc.iceConnectionState : null,
       iceRestarts: s ? s.restarts : 0,
@@ -245,20 +347,27 @@ export class VideoLink extends EventTarget {
       this._set('waiting', 'waiting for the relay connection');
       return;
     }
-    let pc;
-    try {
-      pc = new RTCPeerConnection({ iceServers: iceServersFrom(this._relaySession()) });
-    } catch (e) {
-      this._end('peer_error', e && e.message ? e.message : String(e));
-      return;
-    }
     const s = {
       id: newSessionID(),
-      pc,
+      pc: null, // the current peer, see _newPeer()
+      gen: 0, // which peer: a move to the SFU replaces it (stale signaling is told by this)
+      requested: this.mode, // what the first offer asks for
+      mode: null, // the relay's word: p2p | sfu
+      auto: null,
+      modeReason: null,
+      modeMessage: null,
+      peerMode: null, // whom the current peer talks to: p2p (the device) | sfu (the relay)
+      offered: false, // the current peer has sent its offer (signaling before that is stale)
+      reported: null, // the connection state last reported to the relay, for this peer
+      genConnected: false, // the current peer has been connected
+      decideBy: null, // auto, peer to peer: no ICE restart before the relay's decision (ms)
+      failedAt: null, // when the current peer went `failed`
+      held: false, // a restart is being held back for the relay's decision (logged once)
       offers: new Set(), // correlationIDs of our offers in this session
+      offerModes: new Map(), // correlationID -> the mode it asked for
       offerCount: 0,
       awaitingAnswer: false,
-      pendingCandidates: [], // the device's candidates that came before its answer
+      pendingCandidates: [], // the remote peer's candidates that came before its answer
       relayLost: false,
       restarts: 0,
       restartDelay: RESTART_BASE_MS,
@@ -274,7 +383,35 @@ export class VideoLink extends EventTarget {
     this.sessions++;
     this.recent.add(s.id);
     if (this.recent.size > 8) this.recent.delete(this.recent.values().next().value);
-    const mine = () => this.s === s;
+    if (!this._newPeer(s)) return;
+    s.timers.stats = setInterval(() => this._sample(s), STATS_EVERY_MS);
+    this._set('starting', 'sending the offer');
+    await this._firstOffer(s);
+  }
+
+  /**
+   * A new peer for session `s` (its first, or the one that replaces the peer-to-peer attempt
+   * when the relay moves the session to its SFU): one receive-only video transceiver, trickled
+   * candidates, state changes reported to the relay. Returns false when the browser refused.
+   */
+  _newPeer(s) {
+    let pc;
+    try {
+      pc = new RTCPeerConnection({ iceServers: iceServersFrom(this._relaySession()) });
+    } catch (e) {
+      this._end('peer_error', e && e.message ? e.message : String(e));
+      return false;
+    }
+    const gen = ++s.gen;
+    s.pc = pc;
+    s.offered = false;
+    s.reported = null;
+    s.genConnected = false;
+    s.failedAt = null;
+    s.held = false;
+    s.awaitingAnswer = false;
+    s.pendingCandidates = [];
+    const mine = () => this.s === s && s.gen === gen;
 
     pc.addTransceiver('video', { direction: 'recvonly' });
     pc.ontrack = (ev) => {
@@ -294,64 +431,136 @@ export class VideoLink extends EventTarget {
       this._send({ type: 'webrtc', clientID: this.deviceID, payload });
     };
     pc.oniceconnectionstatechange = () => mine() && this._onIceState(s);
-    pc.onconnectionstatechange = () => mine() && this._onIceState(s);
+    pc.onconnectionstatechange = () => {
+      if (!mine()) return;
+      this._reportState(s);
+      this._onIceState(s);
+    };
+    return true;
+  }
 
-    s.timers.stats = setInterval(() => this._sample(s), STATS_EVERY_MS);
-    this._set('starting', 'sending the offer');
+  /** The first offer of the current peer; a failure ends the session. */
+  async _firstOffer(s) {
+    const gen = s.gen;
     try {
       await this._offer(s, false);
     } catch (e) {
-      if (mine()) this._end('peer_error', e && e.message ? e.message : String(e));
+      if (this.s === s && s.gen === gen) this._end('peer_error', e && e.message ? e.message : String(e));
     }
+  }
+
+  /** The mode the next offer of `s` asks for: `sfu` once the relay carries it, else the choice. */
+  _offerMode(s) {
+    return s.peerMode === 'sfu' || s.mode === 'sfu' ? 'sfu' : s.requested;
+  }
+
+  /** The mode in use: the relay's word, else whom the answer came from. */
+  _modeOf(s) {
+    return s.mode ?? s.peerMode;
+  }
+
+  /**
+   * Whether the relay may still move `s` to its SFU by itself (`auto`, still peer to peer, on a
+   * relay that has an SFU, or one that has not said anything yet).
+   */
+  _autoPending(s) {
+    if (s.requested !== 'auto' || s.peerMode === 'sfu' || s.mode === 'sfu') return false;
+    if (s.mode == null) return true;
+    return s.auto !== false && s.modeReason !== 'sfu_disabled';
+  }
+
+  /**
+   * How long an ICE restart of `s` waits for the relay's own decision (0: go ahead). An `auto`
+   * session that is still peer to peer is the relay's to move before its deadline, and right
+   * after a side reported `failed`; restarting then would race its move.
+   */
+  _holdFor(s) {
+    if (!this._autoPending(s)) return 0;
+    let until = s.decideBy ?? 0;
+    // A relay that never spoke of modes moves nothing: its deadline is all we wait for.
+    if (s.failedAt != null && s.mode != null) until = Math.max(until, s.failedAt + FAILED_GRACE_MS);
+    return Math.max(0, until - performance.now());
+  }
+
+  /** Tells the relay the current peer's connection state, when it changed (no correlationID). */
+  _reportState(s) {
+    const state = s.pc.connectionState;
+    if (!s.offered || s.relayLost || state === s.reported) return;
+    s.reported = state;
+    this._send({ type: 'webrtc', clientID: this.deviceID, payload: { subtype: 'state', sessionID: s.id, state } });
   }
 
   /** Creates and sends an offer on session `s` (an ICE restart when `restart`). */
   async _offer(s, restart) {
-    const offer = await s.pc.createOffer(restart ? { iceRestart: true } : {});
-    if (this.s !== s) return;
-    await s.pc.setLocalDescription(offer);
-    if (this.s !== s || s.relayLost) return;
+    const gen = s.gen;
+    const pc = s.pc;
+    const mine = () => this.s === s && s.gen === gen;
+    const offer = await pc.createOffer(restart ? { iceRestart: true } : {});
+    if (!mine()) return;
+    await pc.setLocalDescription(offer);
+    if (!mine() || s.relayLost) return;
     const correlationID = `${s.id}.${++s.offerCount}`;
+    const mode = this._offerMode(s);
     s.offers.add(correlationID);
+    s.offerModes.set(correlationID, mode);
     s.awaitingAnswer = true;
     const sent = this._send({
       type: 'webrtc',
       correlationID,
       clientID: this.deviceID,
-      payload: { subtype: 'offer', sessionID: s.id, sdp: s.pc.localDescription.sdp },
+      payload: { subtype: 'offer', sessionID: s.id, sdp: pc.localDescription.sdp, mode },
     });
     if (!sent) {
       this.relayDown();
       return;
     }
+    s.offered = true;
+    // Until the relay says its own deadline (`mode`), assume its default one.
+    if (mode === 'auto' && s.decideBy == null) s.decideBy = performance.now() + P2P_TIMEOUT_MS + DECISION_MARGIN_MS;
+    // A state the peer reached while the offer was on its way (rare): report it now.
+    if (pc.connectionState !== 'new') this._reportState(s);
     clearTimeout(s.timers.answer);
     s.timers.answer = setTimeout(() => {
-      if (this.s === s && s.awaitingAnswer) this._end('no_answer', `no answer within ${ANSWER_TIMEOUT_MS / 1000} s`);
+      if (mine() && s.awaitingAnswer) this._end('no_answer', `no answer within ${ANSWER_TIMEOUT_MS / 1000} s`);
     }, ANSWER_TIMEOUT_MS);
   }
 
   async _onSignal(s, p) {
+    const gen = s.gen;
+    const mine = () => this.s === s && s.gen === gen;
     switch (p.subtype) {
       case 'answer': {
         if (typeof p.sdp !== 'string') return;
+        // Before this peer's offer went out, or with no offer outstanding, it answers an
+        // abandoned one (the peer-to-peer attempt the relay moved away from, a duplicate).
+        if (!s.offered || s.pc.signalingState !== 'have-local-offer') {
+          console.debug('video: dropped an answer that belongs to no outstanding offer', p.mode ?? '');
+          return;
+        }
         clearTimeout(s.timers.answer);
         if (s.t.answer == null) s.t.answer = performance.now();
+        // The relay's SFU marks its answers; the device's carry no mode.
+        const from = p.mode === 'sfu' ? 'sfu' : 'p2p';
+        if (s.peerMode == null) s.peerMode = from;
         try {
           await s.pc.setRemoteDescription({ type: 'answer', sdp: p.sdp });
         } catch (e) {
-          if (this.s === s) this._fail(s, `the device's answer was not usable: ${e.message}`);
+          if (mine()) this._fail(s, `the ${from === 'sfu' ? "relay's" : "device's"} answer was not usable: ${e.message}`);
           return;
         }
-        if (this.s !== s) return;
+        if (!mine()) return;
         s.awaitingAnswer = false;
         const queued = s.pendingCandidates.splice(0);
         for (const c of queued) await this._addCandidate(s, c);
-        if (this.state === 'starting') this._set('connecting', 'connecting to the device');
+        if (!mine()) return;
+        if (this.state === 'starting') this._set('connecting', s.peerMode === 'sfu' ? 'connecting through the relay' : 'connecting to the device');
+        else this._emit('change');
         this._armConnectTimeout(s);
         break;
       }
       case 'ice_candidate': {
         if (typeof p.candidate !== 'string') return;
+        if (!s.offered) return; // the abandoned peer's, still in flight
         const c = { candidate: p.candidate, sdpMid: p.sdpMid ?? null, sdpMLineIndex: p.sdpMLineIndex ?? null };
         if (typeof p.usernameFragment === 'string') c.usernameFragment = p.usernameFragment;
         // Our offer has one media section: a candidate that names none belongs to it.
@@ -360,12 +569,75 @@ export class VideoLink extends EventTarget {
         else await this._addCandidate(s, c);
         break;
       }
+      case 'mode':
+        this._onMode(s, p);
+        break;
       case 'bye':
+        // Meant for the device's side of a peer-to-peer attempt the relay took over; if it
+        // reaches us, the `mode` message that moves us follows (or came first).
+        if (p.reason === 'moved_to_sfu') {
+          if (s.peerMode !== 'sfu' && s.offered) this._moveToSfu(s, 'moved_to_sfu', typeof p.message === 'string' ? p.message : null);
+          break;
+        }
         this._end(typeof p.reason === 'string' ? p.reason : 'bye', typeof p.message === 'string' ? p.message : null);
         break;
       default:
-        break; // a subtype this console does not use
+        break; // a subtype this console does not use (e.g. the device's own `state`)
     }
+  }
+
+  /** The relay says which mode the session is in and why. */
+  _onMode(s, p) {
+    if (p.mode !== 'p2p' && p.mode !== 'sfu') return;
+    const reason = typeof p.reason === 'string' ? p.reason : null;
+    const message = typeof p.message === 'string' ? p.message : null;
+    const changed = s.mode !== p.mode || s.modeReason !== reason;
+    s.mode = p.mode;
+    s.auto = typeof p.auto === 'boolean' ? p.auto : null;
+    s.modeReason = reason;
+    s.modeMessage = message;
+    if (changed) {
+      const why = describeModeReason(reason, message);
+      this._log('system', `video: ${MODE_NAMES[p.mode]}${why ? ` — ${why}` : ''}${message ? ` (relay: ${message})` : ''}`);
+    }
+    if (p.mode === 'p2p') {
+      if (s.peerMode == null) s.peerMode = 'p2p';
+      // The relay's deadline for a direct path, when it is still to decide.
+      if (reason === 'auto_p2p_first' && !s.genConnected) {
+        s.decideBy = performance.now() + (secondsIn(message) ?? P2P_TIMEOUT_MS / 1000) * 1000 + DECISION_MARGIN_MS;
+      }
+      this._emit('change');
+      return;
+    }
+    // `sfu`. The current peer talks to the device (the relay said p2p for it, or it is moved
+    // away from a direct attempt): the relay carries the video now, so offer to it afresh.
+    const moved = s.peerMode === 'p2p' || (s.peerMode == null && (reason === 'p2p_timeout' || reason === 'p2p_failed'));
+    if (moved && s.offered) {
+      this._moveToSfu(s, reason, message);
+      return;
+    }
+    // The SFU answers this peer's offer itself (`requested`, `default`, `viewers`).
+    s.peerMode = 'sfu';
+    this._emit('change');
+  }
+
+  /**
+   * The relay moved session `s` to its SFU: a new peer on the same sessionID, and a fresh offer
+   * (`"mode":"sfu"`) that the relay answers. Nothing for the pilot to do.
+   */
+  _moveToSfu(s, reason, message) {
+    if (s.relayLost || !this.wanted) return;
+    const why = describeModeReason(reason, message) || 'moved by the relay';
+    this._log('warn', `video: the relay carries the video now (${why}): new offer on session ${s.id}`);
+    const was = this.state;
+    this._closePeer(s);
+    s.peerMode = 'sfu';
+    if (s.mode !== 'sfu') s.mode = 'sfu';
+    s.decideBy = null;
+    s.restartDelay = RESTART_BASE_MS;
+    if (!this._newPeer(s)) return;
+    this._set(was === 'live' || was === 'recovering' ? 'recovering' : 'starting', `${why}; switching to the relay (SFU)`);
+    this._firstOffer(s);
   }
 
   async _addCandidate(s, c) {
@@ -385,6 +657,9 @@ export class VideoLink extends EventTarget {
     if (conn === 'connected' || ice === 'connected' || ice === 'completed') {
       clearTimeout(s.timers.restart);
       s.restartDelay = RESTART_BASE_MS;
+      s.genConnected = true;
+      s.failedAt = null;
+      s.held = false;
       if (s.t.connected == null) s.t.connected = performance.now();
       if (this.state !== 'live') {
         if (this.state === 'recovering') this._log('system', 'video connection recovered');
@@ -398,6 +673,7 @@ export class VideoLink extends EventTarget {
       return;
     }
     if (ice === 'failed' || conn === 'failed') {
+      if (s.failedAt == null) s.failedAt = performance.now();
       this._restart(s, 'the connection failed');
     } else if (ice === 'disconnected' || conn === 'disconnected') {
       this._set('recovering', 'connection interrupted, waiting for it to come back');
@@ -412,7 +688,7 @@ export class VideoLink extends EventTarget {
   /** If the session is not connected CONNECT_TIMEOUT_MS after its (re)negotiation: restart. */
   _armConnectTimeout(s) {
     clearTimeout(s.timers.restart);
-    if (s.t.connected != null && this.state === 'live') return;
+    if (s.genConnected && this.state === 'live') return;
     s.timers.restart = setTimeout(() => {
       if (this.s === s && this.state !== 'live') this._restart(s, 'not connected in time');
     }, s.restarts ? s.restartDelay : CONNECT_TIMEOUT_MS);
@@ -425,16 +701,33 @@ export class VideoLink extends EventTarget {
       this.relayDown();
       return;
     }
+    // An `auto` session still peer to peer: the relay's move to its SFU comes first.
+    const hold = this._holdFor(s);
+    if (hold > 0) {
+      const gen = s.gen;
+      if (!s.held) {
+        s.held = true;
+        this._log('system', `video: ${why}; no ICE restart for ${(hold / 1000).toFixed(1)} s: the relay may carry the video instead (auto)`);
+      }
+      this._set(this.state === 'live' || this.state === 'recovering' ? 'recovering' : this.state, `${why}; waiting for the relay to take over`);
+      clearTimeout(s.timers.restart);
+      s.timers.restart = setTimeout(() => {
+        if (this.s === s && s.gen === gen && this.state !== 'live') this._restart(s, why);
+      }, hold);
+      return;
+    }
+    s.held = false;
     s.restarts++;
+    const gen = s.gen;
     this._log('warn', `video: ${why}; ICE restart #${s.restarts}`);
     this._set('recovering', `${why}; restarting ICE (attempt ${s.restarts})`);
     try {
       await this._offer(s, true);
     } catch (e) {
-      if (this.s === s) this._fail(s, `ICE restart failed: ${e.message}`);
+      if (this.s === s && s.gen === gen) this._fail(s, `ICE restart failed: ${e.message}`);
       return;
     }
-    if (this.s !== s) return;
+    if (this.s !== s || s.gen !== gen) return;
     s.restartDelay = Math.min(RESTART_MAX_MS, s.restartDelay * 2);
     // If this restart does not connect either, the next one follows (answered or not).
     clearTimeout(s.timers.restart);
@@ -459,31 +752,45 @@ export class VideoLink extends EventTarget {
     this._set('ended', describeEnd(reason, message));
   }
 
+  /** Closes the session's current peer (the session itself goes on). */
+  _closePeer(s) {
+    for (const t of [s.timers.disconnected, s.timers.restart, s.timers.answer]) clearTimeout(t);
+    const pc = s.pc;
+    if (pc) {
+      pc.ontrack = pc.onicecandidate = pc.oniceconnectionstatechange = pc.onconnectionstatechange = null;
+      try {
+        pc.close();
+      } catch {
+        // Already closed.
+      }
+    }
+    s.stream = null;
+    s.stats = null;
+    s.prev = null;
+    s.lastFrames = 0;
+    s.lastFrameAt = null;
+    this._emit('stream', { stream: null });
+  }
+
   _close() {
     const s = this.s;
     if (!s) return;
     this.s = null;
-    for (const t of [s.timers.disconnected, s.timers.restart, s.timers.answer]) clearTimeout(t);
     clearInterval(s.timers.stats);
-    s.pc.ontrack = s.pc.onicecandidate = s.pc.oniceconnectionstatechange = s.pc.onconnectionstatechange = null;
-    try {
-      s.pc.close();
-    } catch {
-      // Already closed.
-    }
-    this._emit('stream', { stream: null });
+    this._closePeer(s);
   }
 
   // ---- statistics -------------------------------------------------------------------------
 
   async _sample(s) {
+    const gen = s.gen;
     let report;
     try {
       report = await s.pc.getStats();
     } catch {
       return;
     }
-    if (this.s !== s) return;
+    if (this.s !== s || s.gen !== gen) return;
     let inbound = null;
     let transport = null;
     const pairs = [];
@@ -511,9 +818,9 @@ export class VideoLink extends EventTarget {
       frameWidth: inbound ? num(inbound.frameWidth) : null,
       frameHeight: inbound ? num(inbound.frameHeight) : null,
       codec: codec ? describeCodec(codec) : null,
-      // Signaling goes through the relay, media straight between browser and device; a TURN
-      // relay (when configured) still counts as p2p at this level, the route says which.
-      mode: 'p2p',
+      // p2p: media straight between browser and device (a TURN relay, when configured, still
+      // counts as p2p at this level: the route says which); sfu: through the relay's SFU.
+      mode: this._modeOf(s),
       route: local && remote ? `${local.candidateType}/${local.protocol || '?'} ↔ ${remote.candidateType}` : null,
       relayed: !!(local && local.candidateType === 'relay') || !!(remote && remote.candidateType === 'relay'),
     };
@@ -556,6 +863,33 @@ function setText(el, text) {
   if (el.textContent !== t) el.textContent = t;
 }
 
+/** Where the chosen mode is remembered (localStorage; it can throw, then nothing is kept). */
+const MODE_STORAGE = 'tether.videoMode';
+const modeStorage = {
+  get() {
+    try {
+      const m = localStorage.getItem(MODE_STORAGE);
+      return VIDEO_MODES.includes(m) ? m : null;
+    } catch {
+      return null;
+    }
+  },
+  set(m) {
+    try {
+      localStorage.setItem(MODE_STORAGE, m);
+    } catch {
+      // Not remembered: the choice holds for this page only.
+    }
+  },
+};
+
+/** The mode line under the panel's head: "Peer to peer — trying direct first". */
+function modeLine(snap) {
+  if (!snap.mode) return '';
+  const why = describeModeReason(snap.modeReason, snap.modeMessage, snap.mode === 'p2p' && snap.peerConnected);
+  return why ? `${MODE_NAMES[snap.mode]} — ${why}` : MODE_NAMES[snap.mode];
+}
+
 export class VideoPanel {
   /**
    * @param {VideoLink} link
@@ -568,6 +902,8 @@ export class VideoPanel {
     this.el = {
       panel: $('video-panel'),
       toggle: $('video-toggle'),
+      modeSelect: $('video-mode-select'),
+      modeLabel: $('video-mode-label'),
       fullscreen: $('video-fullscreen'),
       status: $('video-status'),
       detail: $('video-detail'),
@@ -586,6 +922,15 @@ export class VideoPanel {
       first: $('vs-first'),
     };
     this.el.toggle.addEventListener('click', () => (this.link.wanted || this.link.s ? this.link.stop('stopped') : this.link.start()));
+    // The chosen mode survives reloads; changing it while video is on starts it again in it.
+    link.setMode(modeStorage.get() ?? link.mode);
+    this.el.modeSelect.value = link.mode;
+    this.el.modeSelect.addEventListener('change', () => {
+      const m = this.el.modeSelect.value;
+      if (!VIDEO_MODES.includes(m)) return;
+      modeStorage.set(m);
+      this.link.setMode(m);
+    });
     this.el.fullscreen.addEventListener('click', () => {
       const v = this.el.video;
       if (v.requestFullscreen) v.requestFullscreen().catch(() => {});
@@ -628,6 +973,19 @@ export class VideoPanel {
     e.panel.dataset.answerMs = snap.timings.answerMs == null ? '' : String(Math.round(snap.timings.answerMs));
     e.panel.dataset.connectedMs = snap.timings.connectedMs == null ? '' : String(Math.round(snap.timings.connectedMs));
     e.panel.dataset.sessions = String(snap.sessions);
+    // The mode in use (p2p | sfu, empty until known) and the relay's reason; what was asked.
+    e.panel.dataset.mode = snap.mode ?? '';
+    e.panel.dataset.modeReason = snap.modeReason ?? '';
+    e.panel.dataset.modeRequested = snap.requestedMode ?? '';
+    e.panel.dataset.peerGeneration = String(snap.generation);
+
+    if (e.modeSelect.value !== snap.chosenMode) e.modeSelect.value = snap.chosenMode;
+    e.modeSelect.disabled = !snap.deviceID;
+    const line = modeLine(snap);
+    setText(e.modeLabel, line);
+    e.modeLabel.hidden = !line;
+    e.modeLabel.dataset.mode = snap.mode ?? '';
+    e.modeLabel.title = snap.modeMessage ? `Relay: ${snap.modeMessage}` : '';
 
     setText(e.toggle, active ? 'Stop video' : snap.state === 'ended' ? 'Start again' : 'Start video');
     e.toggle.setAttribute('aria-pressed', String(active));
@@ -656,10 +1014,11 @@ export class VideoPanel {
   }
 
   _placeholder(snap) {
+    const viaRelay = snap.mode === 'sfu';
     const text = {
       off: 'Video is off. Press "Start video" to watch the device.',
-      starting: 'Asking the device for video…',
-      connecting: 'Connecting to the device…',
+      starting: viaRelay ? 'Asking the relay for the video…' : 'Asking the device for video…',
+      connecting: viaRelay ? 'Connecting to the relay…' : 'Connecting to the device…',
       waiting: 'Waiting for the relay connection…',
       ended: 'Video ended. Press "Start again" to retry.',
     }[snap.state];
@@ -679,9 +1038,15 @@ export class VideoPanel {
     e.panel.dataset.framesDecoded = String(st ? st.framesDecoded : 0);
     e.panel.dataset.videoWidth = String(v.videoWidth || 0);
     e.panel.dataset.videoHeight = String(v.videoHeight || 0);
-    e.panel.dataset.mode = st ? st.mode : '';
-    setText(e.mode, st ? (st.route ? `${st.mode} · ${st.route}` : st.mode) : '—');
-    e.mode.title = st && st.relayed ? 'Media goes through a TURN server' : 'Media goes straight between this browser and the device';
+    const mode = this.link.currentMode();
+    setText(e.mode, mode ? (st && st.route ? `${mode} · ${st.route}` : mode) : '—');
+    e.mode.dataset.mode = mode ?? '';
+    e.mode.title =
+      mode === 'sfu'
+        ? "Media comes through the relay's SFU (the route is this browser's path to the relay)"
+        : st && st.relayed
+          ? 'Media goes through a TURN server'
+          : 'Media goes straight between this browser and the device';
     setText(e.bitrate, st && st.bitrateBps != null ? f.formatBitrate(st.bitrateBps) : '—');
     setText(e.fps, st && st.fps != null ? f.formatRate(st.fps) : '—');
     setText(e.rtt, st && st.rttMs != null ? f.formatMs(st.rttMs) : '—');
