@@ -361,6 +361,7 @@ export class VideoLink extends EventTarget {
       reported: null, // the connection state last reported to the relay, for this peer
       genConnected: false, // the current peer has been connected
       decideBy: null, // auto, peer to peer: no ICE restart before the relay's decision (ms)
+      p2pTimeoutMs: P2P_TIMEOUT_MS, // the relay's deadline for a direct path, as it said
       failedAt: null, // when the current peer went `failed`
       held: false, // a restart is being held back for the relay's decision (logged once)
       offers: new Set(), // correlationIDs of our offers in this session
@@ -515,9 +516,12 @@ export class VideoLink extends EventTarget {
       return;
     }
     s.offered = true;
-    // Until the relay says its own deadline (`mode`), assume its default one.
-    if (mode === 'auto' && s.decideBy == null) s.decideBy = performance.now() + P2P_TIMEOUT_MS + DECISION_MARGIN_MS;
-    // A state the peer reached while the offer was on its way (rare): report it now.
+    // Every peer-to-peer attempt of an `auto` session (the first offer, an ICE restart) gets the
+    // relay's deadline anew: its own word (`mode`), else its default.
+    if (mode === 'auto' && this._autoPending(s)) s.decideBy = performance.now() + s.p2pTimeoutMs + DECISION_MARGIN_MS;
+    // The relay judges each offer's attempt afresh (an `auto` session's deadline restarts): it
+    // hears the peer's state again, even unchanged, once it is past `new`.
+    s.reported = null;
     if (pc.connectionState !== 'new') this._reportState(s);
     clearTimeout(s.timers.answer);
     s.timers.answer = setTimeout(() => {
@@ -602,10 +606,10 @@ export class VideoLink extends EventTarget {
     }
     if (p.mode === 'p2p') {
       if (s.peerMode == null) s.peerMode = 'p2p';
-      // The relay's deadline for a direct path, when it is still to decide.
-      if (reason === 'auto_p2p_first' && !s.genConnected) {
-        s.decideBy = performance.now() + (secondsIn(message) ?? P2P_TIMEOUT_MS / 1000) * 1000 + DECISION_MARGIN_MS;
-      }
+      // The relay's deadline for a direct path, counted from now (the offer was just accepted).
+      const secs = secondsIn(message);
+      if (secs != null) s.p2pTimeoutMs = secs * 1000;
+      if (reason === 'auto_p2p_first' && !s.genConnected) s.decideBy = performance.now() + s.p2pTimeoutMs + DECISION_MARGIN_MS;
       this._emit('change');
       return;
     }
