@@ -385,6 +385,14 @@ pub struct VideoConfig {
     /// Also offer loopback ICE candidates (default false; for a viewer on the same host).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub include_loopback: bool,
+    /// Seconds between the encoder's own keyframes (default 2; 1 to 3600). Viewers' keyframe
+    /// requests are served whatever it is; a longer interval saves uplink.
+    #[serde(default = "default_keyframe_interval")]
+    pub keyframe_interval: u32,
+}
+
+fn default_keyframe_interval() -> u32 {
+    2
 }
 
 fn default_video_source() -> String {
@@ -433,6 +441,7 @@ impl Default for VideoConfig {
             max_bitrate_kbps: default_max_bitrate(),
             ice_servers: Vec::new(),
             include_loopback: false,
+            keyframe_interval: default_keyframe_interval(),
         }
     }
 }
@@ -716,6 +725,12 @@ impl Config {
                     "need minBitrateKbps <= bitrateKbps <= maxBitrateKbps, got {} <= {} <= {}",
                     v.min_bitrate_kbps, v.bitrate_kbps, v.max_bitrate_kbps
                 ),
+            );
+        }
+        if !(1..=3600).contains(&v.keyframe_interval) {
+            return bad(
+                "video.keyframeInterval",
+                format!("must be between 1 and 3600 seconds, got {}", v.keyframe_interval),
             );
         }
         if !matches!(v.codec.as_str(), "h264" | "vp8") {

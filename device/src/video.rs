@@ -8,7 +8,11 @@
 //!   new viewer's picture starts at once. An `offer` on an open session renegotiates it (the
 //!   browser's ICE restart after a network change).
 //! - `ice_candidate`: trickled both ways; an empty `candidate` marks the end.
-//! - `bye`: the session ends (the relay sends `pilot_left` when the pilot's connection closes).
+//! - `bye`: the session ends (the relay sends `pilot_left` when the pilot's connection closes,
+//!   `moved_to_sfu` when an `auto` session moves to its SFU).
+//!
+//! Every change of a peer's connection state is reported to the relay (`state`), which decides
+//! `auto` sessions on it. The relay's SFU is a viewer like any other (`from` `relay`).
 //!
 //! The encoder follows the viewers: a keyframe when any of them asks (PLI/FIR, at most one
 //! every 500 ms), and the bitrate set to the lowest receiver estimate (REMB) between the
@@ -208,6 +212,7 @@ impl State {
             codec,
             mdns: true,
             include_loopback: self.config.include_loopback,
+            ..PeerSettings::default()
         };
         let (etx, mut erx) = mpsc::channel(256);
         let answered = VideoSender::answer(&settings, sdp, etx).await;
@@ -256,6 +261,7 @@ impl State {
             bitrate_kbps: c.bitrate_kbps,
             min_bitrate_kbps: c.min_bitrate_kbps,
             max_bitrate_kbps: c.max_bitrate_kbps,
+            keyframe_interval_s: c.keyframe_interval,
         };
         let (tx, rx) = mpsc::channel(RTP_QUEUE);
         let p = VideoPipeline::start(&settings, tx).map_err(|e| e.to_string())?;
@@ -301,6 +307,8 @@ impl State {
             }
             PeerEvent::State(state) => {
                 tracing::info!(session = %id, %state, "video peer state");
+                // The relay decides `auto` sessions (peer to peer, or its SFU) on these reports.
+                self.send(&pilot, json!({"subtype": "state", "sessionID": id, "state": state}));
                 if state == "connected" {
                     // Packets written before the peer connected were dropped, the first
                     // keyframe with them: the new viewer needs one now, whatever the throttle.

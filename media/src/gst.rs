@@ -226,6 +226,10 @@ pub struct VideoSettings {
     pub min_bitrate_kbps: u32,
     /// Ceiling for [`VideoPipeline::set_bitrate`]: what the uplink is allowed to carry.
     pub max_bitrate_kbps: u32,
+    /// Seconds between the encoder's own keyframes (default 2), so a lost keyframe costs at
+    /// most that long even when no receiver asks for one. Longer saves uplink; receivers'
+    /// keyframe requests (PLI/FIR) are served whatever it is.
+    pub keyframe_interval_s: u32,
 }
 
 impl Default for VideoSettings {
@@ -239,6 +243,7 @@ impl Default for VideoSettings {
             bitrate_kbps: 1_000,
             min_bitrate_kbps: 150,
             max_bitrate_kbps: 4_000,
+            keyframe_interval_s: 2,
         }
     }
 }
@@ -272,10 +277,9 @@ impl VideoSettings {
         kbps.clamp(self.min_bitrate_kbps, self.max_bitrate_kbps)
     }
 
-    /// Frames between forced keyframes: two seconds, so a lost keyframe costs at most that long
-    /// even when the receiver never sends a PLI.
+    /// Frames between the encoder's own keyframes.
     fn keyframe_interval(&self) -> u32 {
-        self.framerate * 2
+        self.framerate * self.keyframe_interval_s.clamp(1, 3600)
     }
 }
 

@@ -52,8 +52,8 @@ use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceCandidateInit, RTCIceGatheringState, RTCIceServer, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
-    RTCSessionDescription, RTCStatsReportEntry, Registry, SettingEngineBuilder, StatsSelector,
+    RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState, RTCIceServer, RTCPeerConnectionIceEvent,
+    RTCPeerConnectionState, RTCSessionDescription, RTCStatsReportEntry, Registry, SettingEngineBuilder, StatsSelector,
     configure_twcc_sender_only, register_default_interceptors,
 };
 use webrtc::rtp_transceiver::RtpSender;
@@ -129,11 +129,81 @@ pub struct PeerSettings {
     /// Also gather loopback candidates (127.0.0.1). For tests on one machine; browsers gather
     /// none, so it is useless against them.
     pub include_loopback: bool,
+    /// Where the peer's sockets are and what addresses it announces (the relay's settings).
+    pub reach: Reachability,
 }
 
 impl Default for PeerSettings {
     fn default() -> Self {
-        PeerSettings { ice_servers: Vec::new(), codec: VideoCodec::H264, mdns: true, include_loopback: false }
+        PeerSettings {
+            ice_servers: Vec::new(),
+            codec: VideoCodec::H264,
+            mdns: true,
+            include_loopback: false,
+            reach: Reachability::default(),
+        }
+    }
+}
+
+/// How a server-side peer (the relay's SFU) is reached through firewalls and NAT. The default
+/// (nothing set) gathers host candidates on ephemeral UDP ports of every interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reachability {
+    /// 1:1 NAT: the public addresses announced instead of the interfaces' own (host candidates
+    /// carry these), e.g. a cloud VM's elastic IP. Empty: the interfaces' addresses.
+    pub public_ips: Vec<String>,
+    /// Bind UDP (and ICE-TCP) sockets on a port from this inclusive range, so a firewall can
+    /// open exactly it. None: ephemeral ports.
+    pub ports: Option<(u16, u16)>,
+    /// Also offer passive ICE-TCP candidates (for viewers whose networks block UDP).
+    pub ice_tcp: bool,
+}
+
+/// Round-robin cursor over [`Reachability::ports`], shared by every peer of the process.
+static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Reachability {
+    /// A port of the range that is free for UDP (and TCP with ICE-TCP) right now, trying each at
+    /// most once from a rotating start; 0 (ephemeral) without a range. Errors when every port of
+    /// the range is taken.
+    pub(crate) fn pick_port(&self) -> Result<u16, String> {
+        let Some((lo, hi)) = self.ports else { return Ok(0) };
+        let (lo, hi) = (lo.min(hi), lo.max(hi));
+        let span = u32::from(hi - lo) + 1;
+        let start = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        for i in 0..span {
+            let port = lo + ((start.wrapping_add(i)) % span) as u16;
+            let udp_free = std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok();
+            let tcp_free = !self.ice_tcp || std::net::TcpListener::bind(("0.0.0.0", port)).is_ok();
+            if udp_free && tcp_free {
+                return Ok(port);
+            }
+        }
+        Err(format!("every port of the range {lo}-{hi} is in use"))
+    }
+
+    /// The UDP and TCP addresses to bind: wildcards (expanded by the stack to every interface)
+    /// on the picked port; loopback as well when asked.
+    pub(crate) fn sockets(&self, include_loopback: bool, ipv6: bool) -> Result<(Vec<String>, Vec<String>), String> {
+        let port = self.pick_port()?;
+        let mut udp = vec![format!("0.0.0.0:{port}")];
+        if ipv6 {
+            udp.push(format!("[::]:{port}"));
+        }
+        if include_loopback {
+            udp.push(format!("127.0.0.1:{port}"));
+        }
+        let tcp = if self.ice_tcp { vec![format!("0.0.0.0:{port}")] } else { Vec::new() };
+        Ok((udp, tcp))
+    }
+
+    /// Applies the 1:1 NAT addresses to a setting engine under construction.
+    pub(crate) fn apply(&self, engine: SettingEngineBuilder) -> SettingEngineBuilder {
+        if self.public_ips.is_empty() {
+            engine
+        } else {
+            engine.with_nat_1to1_ips(self.public_ips.clone(), RTCIceCandidateType::Host)
+        }
     }
 }
 
@@ -237,6 +307,9 @@ pub enum RtcError {
     /// The session was closed.
     #[error("the peer connection is closed")]
     Closed,
+    /// No socket could be bound (e.g. every port of the configured range is in use).
+    #[error("cannot bind the peer's sockets: {0}")]
+    Sockets(String),
     /// The webrtc stack refused a step.
     #[error("webrtc: {context}: {source}")]
     Webrtc {
@@ -311,6 +384,8 @@ impl VideoSender {
             rr_rtt_micros: AtomicU64::new(0),
             fraction_lost_bits: AtomicU64::new(u64::MAX),
             bandwidth_bps: AtomicU64::new(0),
+            remb_bps: AtomicU64::new(0),
+            gcc_bps: AtomicU64::new(0),
         });
         let forwarder = tokio::spawn(forward_signals(signal_rx, events));
 
@@ -438,7 +513,16 @@ impl VideoSender {
             return Err(RtcError::Closed);
         }
         let mut buf = packet;
-        let mut pkt = rtp::Packet::unmarshal(&mut buf).map_err(|e| RtcError::BadRtp(e.to_string()))?;
+        let pkt = rtp::Packet::unmarshal(&mut buf).map_err(|e| RtcError::BadRtp(e.to_string()))?;
+        self.write_packet(pkt).await
+    }
+
+    /// [`write_rtp`](Self::write_rtp) for a packet already parsed (the SFU forwards what its
+    /// upstream peer received, to many senders, without parsing it again for each).
+    pub async fn write_packet(&self, mut pkt: rtp::Packet) -> Result<(), RtcError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(RtcError::Closed);
+        }
         if !self.shared.connected_once.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -567,8 +651,12 @@ struct Shared {
     rr_rtt_micros: AtomicU64,
     /// `f32::to_bits` of the latest fraction lost; `u64::MAX` = no report yet.
     fraction_lost_bits: AtomicU64,
-    /// Latest reported bandwidth estimate; 0 = none yet.
+    /// Latest bandwidth estimate reported (the lower of the two below); 0 = none yet.
     bandwidth_bps: AtomicU64,
+    /// The receiver's latest REMB (an SFU passes its weakest viewer's figure this way); 0 = none.
+    remb_bps: AtomicU64,
+    /// The delay-based estimate of the path to the receiver; 0 = none.
+    gcc_bps: AtomicU64,
 }
 
 impl Shared {
@@ -620,9 +708,21 @@ impl Shared {
         self.signal(PeerEvent::State(state.to_string()));
     }
 
-    fn report_bandwidth(&self, bps: u64) {
-        self.bandwidth_bps.store(bps, Ordering::Relaxed);
-        self.feedback(PeerEvent::Bandwidth { bps });
+    /// A new REMB (`remb`) or delay-based estimate: what the path and the receiver can take is
+    /// the lower of the latest of each.
+    fn report_bandwidth(&self, bps: u64, remb: bool) {
+        if remb {
+            self.remb_bps.store(bps, Ordering::Relaxed);
+        } else {
+            self.gcc_bps.store(bps, Ordering::Relaxed);
+        }
+        let combined = [self.remb_bps.load(Ordering::Relaxed), self.gcc_bps.load(Ordering::Relaxed)]
+            .into_iter()
+            .filter(|b| *b > 0)
+            .min()
+            .unwrap_or(bps);
+        self.bandwidth_bps.store(combined, Ordering::Relaxed);
+        self.feedback(PeerEvent::Bandwidth { bps: combined });
     }
 }
 
@@ -735,7 +835,9 @@ async fn build_peer_with(
                 .collect(),
         )
         .build();
-    let setting_engine = SettingEngineBuilder::new()
+    let setting_engine = settings
+        .reach
+        .apply(SettingEngineBuilder::new())
         .with_multicast_dns_mode(if mdns { MulticastDnsMode::QueryOnly } else { MulticastDnsMode::Disabled })
         .with_include_loopback_candidate(settings.include_loopback)
         // An ICE restart (after the relay link or the network came back) rebinds the sockets and
@@ -746,10 +848,7 @@ async fn build_peer_with(
 
     // Wildcards expand to every interface address (loopback and link-local skipped), and are
     // re-expanded on an ICE restart, so a restart after a network change uses today's addresses.
-    let mut udp_addrs = vec!["0.0.0.0:0".to_owned(), "[::]:0".to_owned()];
-    if settings.include_loopback {
-        udp_addrs.push("127.0.0.1:0".to_owned());
-    }
+    let (udp_addrs, tcp_addrs) = settings.reach.sockets(settings.include_loopback, true).map_err(RtcError::Sockets)?;
     let pc = PeerConnectionBuilder::new()
         .with_configuration(config)
         .with_media_engine(media_engine)
@@ -757,6 +856,7 @@ async fn build_peer_with(
         .with_interceptor_registry(registry)
         .with_handler(Arc::new(Handler { shared: shared.clone() }))
         .with_udp_addrs(udp_addrs)
+        .with_tcp_addrs(tcp_addrs)
         .build()
         .await
         .map_err(webrtc_err("build peer connection"))?;
@@ -967,7 +1067,7 @@ fn handle_feedback(shared: &Shared, packets: &[Box<dyn rtcp::Packet>]) {
             keyframe = true;
         } else if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
             if remb.bitrate.is_finite() && remb.bitrate > 0.0 {
-                shared.report_bandwidth(remb.bitrate as u64);
+                shared.report_bandwidth(remb.bitrate as u64, true);
             }
         } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
             handle_reports(shared, &rr.reports);
@@ -1102,7 +1202,7 @@ impl ReportingEstimator {
         }
         self.last_reported = target;
         if let Some(shared) = self.shared.upgrade() {
-            shared.report_bandwidth(target as u64);
+            shared.report_bandwidth(target as u64, false);
         }
     }
 }

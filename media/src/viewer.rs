@@ -36,7 +36,7 @@ use webrtc::peer_connection::{
     Registry, SettingEngineBuilder, register_default_interceptors,
 };
 
-use crate::rtc::{Candidate, IceServer, Negotiated};
+use crate::rtc::{Candidate, IceServer, Negotiated, Reachability};
 
 /// The connection state, as the webrtc crate (and the browser) names it.
 pub use webrtc::peer_connection::RTCPeerConnectionState as ConnectionState;
@@ -138,6 +138,9 @@ pub struct ViewerOptions {
     pub udp_addrs: Vec<String>,
     /// STUN/TURN servers; none by default (host candidates only).
     pub ice_servers: Vec<IceServer>,
+    /// Public addresses, port range and ICE-TCP, when the viewer is a server (the relay's SFU
+    /// receiving a device's video). `ports` applies only when `udp_addrs` is empty.
+    pub reach: Reachability,
 }
 
 impl ViewerOptions {
@@ -160,6 +163,9 @@ pub enum ViewerError {
     /// The connection reached a state it will not leave for `connected` by itself.
     #[error("the connection is {0}")]
     Ended(ConnectionState),
+    /// No socket could be bound (e.g. every port of the configured range is in use).
+    #[error("cannot bind the viewer's sockets: {0}")]
+    Sockets(String),
     /// The device's candidate does not parse or does not belong to this session.
     #[error("remote candidate rejected: {0}")]
     BadCandidate(String),
@@ -253,7 +259,9 @@ impl Viewer {
         // NACK, PLI, receiver reports and transport-wide feedback, as a browser sends them.
         let registry =
             register_default_interceptors(Registry::new(), &mut media_engine).map_err(webrtc_err("interceptors"))?;
-        let mut setting_engine = SettingEngineBuilder::new()
+        let mut setting_engine = options
+            .reach
+            .apply(SettingEngineBuilder::new())
             .with_include_loopback_candidate(options.include_loopback)
             .with_discard_local_candidates_during_ice_restart(true);
         setting_engine = match &options.mdns {
@@ -276,12 +284,10 @@ impl Viewer {
                     .collect(),
             )
             .build();
-        let mut udp_addrs = options.udp_addrs.clone();
-        if udp_addrs.is_empty() {
-            udp_addrs.push("0.0.0.0:0".to_owned());
-            if options.include_loopback {
-                udp_addrs.push("127.0.0.1:0".to_owned());
-            }
+        let (mut udp_addrs, tcp_addrs) =
+            options.reach.sockets(options.include_loopback, false).map_err(ViewerError::Sockets)?;
+        if !options.udp_addrs.is_empty() {
+            udp_addrs = options.udp_addrs.clone();
         }
 
         let (cand_tx, candidates) = mpsc::unbounded_channel();
@@ -305,6 +311,7 @@ impl Viewer {
             .with_setting_engine(setting_engine.build())
             .with_handler(Arc::new(Handler { shared: shared.clone() }))
             .with_udp_addrs(udp_addrs)
+            .with_tcp_addrs(tcp_addrs)
             .build()
             .await
             .map_err(webrtc_err("build peer connection"))?;

@@ -24,6 +24,7 @@ fn settings(codec: Codec) -> VideoSettings {
         bitrate_kbps: 300,
         min_bitrate_kbps: 100,
         max_bitrate_kbps: 1_000,
+        keyframe_interval_s: 2,
     }
 }
 

@@ -143,7 +143,7 @@ fn with_relay(relay: Arc<Relay>) -> impl Filter<Extract = (Arc<Relay>,), Error =
 }
 
 /// Extracts the authenticated operator.
-fn operator(relay: Arc<Relay>) -> impl Filter<Extract = (Arc<Relay>, Identity), Error = Rejection> + Clone {
+pub(crate) fn operator(relay: Arc<Relay>) -> impl Filter<Extract = (Arc<Relay>, Identity), Error = Rejection> + Clone {
     with_relay(relay)
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::cookie::optional::<String>(SESSION_COOKIE))

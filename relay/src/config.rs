@@ -95,6 +95,113 @@ pub struct RelayConfig {
     /// (`--admin-key`, `TETHER_ADMIN_KEY`, default: generate and print once).
     #[arg(long, env = "TETHER_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+    /// Video: modes, the SFU and its reachability.
+    #[command(flatten)]
+    pub media: MediaConfig,
+}
+
+/// Video sessions and the relay's SFU (docs/protocol.md 4.13, docs/operations.md).
+#[derive(Debug, Clone, clap::Args)]
+pub struct MediaConfig {
+    /// Mode of video offers that name none: auto, p2p or sfu (`--video-mode`, `VIDEO_MODE`, default auto).
+    #[arg(long = "video-mode", env = "VIDEO_MODE", default_value = "auto", value_parser = ["auto", "p2p", "sfu"])]
+    pub default_mode: String,
+    /// Turn the SFU off: video is peer to peer only (`--no-sfu`, `NO_SFU`).
+    #[arg(long = "no-sfu", env = "NO_SFU")]
+    pub no_sfu: bool,
+    /// Seconds an `auto` session waits for its peer-to-peer path to connect before moving to
+    /// the SFU (`--p2p-timeout`, `P2P_TIMEOUT`, default 5).
+    #[arg(long = "p2p-timeout", env = "P2P_TIMEOUT", default_value_t = 5.0)]
+    pub p2p_timeout: f64,
+    /// `auto` sends a pilot straight to the SFU when more than this many pilots already watch
+    /// the device (`--sfu-above-viewers`, `SFU_ABOVE_VIEWERS`, default 2).
+    #[arg(long = "sfu-above-viewers", env = "SFU_ABOVE_VIEWERS", default_value_t = 2)]
+    pub sfu_above_viewers: usize,
+    /// Public addresses the SFU announces instead of its interfaces' (1:1 NAT, e.g. a cloud
+    /// VM's elastic IP), comma-separated (`--public-ip`, `PUBLIC_IP`).
+    #[arg(long = "public-ip", env = "PUBLIC_IP", value_delimiter = ',')]
+    pub public_ips: Vec<String>,
+    /// UDP port range of the SFU's media sockets, `LOW-HIGH`, e.g. 50000-50199 (`--rtc-ports`,
+    /// `RTC_PORTS`, default: ephemeral ports). Each peer takes one port of the range.
+    #[arg(long = "rtc-ports", env = "RTC_PORTS", value_parser = parse_port_range)]
+    pub rtc_ports: Option<(u16, u16)>,
+    /// Also offer ICE-TCP (passive) candidates, for viewers whose networks block UDP
+    /// (`--ice-tcp`, `ICE_TCP`).
+    #[arg(long = "ice-tcp", env = "ICE_TCP")]
+    pub ice_tcp: bool,
+    /// STUN/TURN servers for the SFU's own peers, comma-separated URLs (`--ice-server`,
+    /// `ICE_SERVERS`; default none: the relay is the reachable party).
+    #[arg(long = "ice-server", env = "ICE_SERVERS", value_delimiter = ',')]
+    pub ice_servers: Vec<String>,
+    /// TURN user name for `--ice-server` (`--ice-username`, `ICE_USERNAME`).
+    #[arg(long = "ice-username", env = "ICE_USERNAME")]
+    pub ice_username: Option<String>,
+    /// TURN password for `--ice-server` (`--ice-credential`, `ICE_CREDENTIAL`).
+    #[arg(long = "ice-credential", env = "ICE_CREDENTIAL", hide_env_values = true)]
+    pub ice_credential: Option<String>,
+    /// Also gather loopback candidates, for devices and viewers on the relay's own machine
+    /// (`--rtc-loopback`, `RTC_LOOPBACK`; tests and demos).
+    #[arg(long = "rtc-loopback", env = "RTC_LOOPBACK")]
+    pub include_loopback: bool,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            default_mode: "auto".into(),
+            no_sfu: false,
+            p2p_timeout: 5.0,
+            sfu_above_viewers: 2,
+            public_ips: Vec::new(),
+            rtc_ports: None,
+            ice_tcp: false,
+            ice_servers: Vec::new(),
+            ice_username: None,
+            ice_credential: None,
+            include_loopback: false,
+        }
+    }
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) =
+        s.split_once('-').ok_or_else(|| format!("{s:?} is not a range: write LOW-HIGH, e.g. 50000-50199"))?;
+    let lo: u16 = lo.trim().parse().map_err(|_| format!("{lo:?} is not a port number"))?;
+    let hi: u16 = hi.trim().parse().map_err(|_| format!("{hi:?} is not a port number"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?}: the range must be LOW-HIGH with 0 < LOW <= HIGH"));
+    }
+    Ok((lo, hi))
+}
+
+impl MediaConfig {
+    /// The SFU's settings.
+    pub fn sfu_settings(&self) -> ::media::sfu::SfuSettings {
+        let ice_servers = if self.ice_servers.is_empty() {
+            Vec::new()
+        } else {
+            vec![::media::rtc::IceServer {
+                urls: self.ice_servers.clone(),
+                username: self.ice_username.clone(),
+                credential: self.ice_credential.clone(),
+            }]
+        };
+        ::media::sfu::SfuSettings {
+            ice_servers,
+            reach: ::media::rtc::Reachability {
+                public_ips: self.public_ips.clone(),
+                ports: self.rtc_ports,
+                ice_tcp: self.ice_tcp,
+            },
+            include_loopback: self.include_loopback,
+            ..::media::sfu::SfuSettings::default()
+        }
+    }
+
+    /// How long `auto` waits for peer to peer.
+    pub fn p2p_deadline(&self) -> Duration {
+        secs(self.p2p_timeout)
+    }
 }
 
 impl Default for RelayConfig {
@@ -124,6 +231,7 @@ impl Default for RelayConfig {
             tls_cert: None,
             tls_key: None,
             admin_key: None,
+            media: MediaConfig::default(),
         }
     }
 }

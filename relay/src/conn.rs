@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::json;
 use serde_json::value::RawValue;
+use serde_json::{Value, json};
 use signaling::message::{
     self, Ack, AuthOk, Body, Frame, Pong, RegistrationPending, TelemetryAnnotation, TelemetryDropped, TelemetryHeader,
     TimeSync, Unsubscribed, WebRtc,
@@ -38,7 +38,7 @@ use crate::auth::{self, Identity, Role};
 use crate::hub::{Conn, Delivery, PendingRequest};
 use crate::leases::LeaseRefusal;
 use crate::limits::{ConnLimiter, Overrides};
-use crate::media::{self, MediaSession};
+use crate::media::{self, MediaSession, Requested};
 use crate::metrics::type_index;
 use crate::ops;
 use crate::outbox::{Next, Outbox};
@@ -516,12 +516,22 @@ impl Session {
                     let text = message::encode_routed("webrtc", None, Some(&s.pilot), &me.id, raw(&bye));
                     relay.hub.send_to_conn(s.conn, Utf8Bytes::from(text));
                 }
+                if let Some(sfu) = relay.sfu.clone() {
+                    let key = ::media::sfu::DeviceKey::new(&me.org, &me.id);
+                    tokio::spawn(async move { sfu.device_gone(&key).await });
+                }
             }
         } else {
             for (device, org) in relay.leases.conn_closed(self.conn.id) {
                 relay.leases.announce(relay, &org, &device, "disconnected");
             }
             for s in relay.media.conn_closed(self.conn.id) {
+                if s.mode == media::Mode::Sfu {
+                    if let Some(sfu) = relay.sfu.clone() {
+                        tokio::spawn(async move { sfu.unsubscribe(&s.id).await });
+                    }
+                    continue;
+                }
                 let bye = media::bye_payload(&s.id, "pilot_left");
                 let text = message::encode_routed("webrtc", None, Some(&s.device), &s.pilot, raw(&bye));
                 relay.hub.send_to(&s.org, &s.device, Utf8Bytes::from(text));
@@ -797,7 +807,7 @@ impl Session {
                 self.route_reply(ty, corr, env.client_id, payload).await;
             }
             Body::WebRtc(w) if role.is_operator() => self.pilot_webrtc(w, corr, env.client_id, payload).await,
-            Body::WebRtc(w) if role == Role::Device => self.device_webrtc(w, corr, env.client_id, payload),
+            Body::WebRtc(w) if role == Role::Device => self.device_webrtc(w, corr, env.client_id, payload).await,
             Body::ProcessState(_) if role == Role::Device => {
                 let text = message::encode_routed(ty, corr.as_deref(), None, &self.me().id, payload);
                 let n = self.relay.hub.publish_process_state(&self.me().id, Utf8Bytes::from(text));
@@ -841,21 +851,57 @@ impl Session {
         if self.authorize(&device, "webrtc", corr.clone()).await.is_none() {
             return;
         }
-        let Some(id) = valid_session(w.session_id) else {
+        let Some(id) = valid_session(w.session_id.clone()) else {
             self.error(ErrorCode::InvalidPayload, "webrtc messages need a sessionID (1 to 128 characters)", corr);
             return;
         };
         let me = self.me();
-        let session = MediaSession {
-            id: id.clone(),
-            device: device.clone(),
-            org: me.org.clone(),
-            pilot: me.id.clone(),
-            conn: self.conn.id,
+        let offer = w.subtype == "offer";
+        let requested = if offer {
+            let asked = w.rest.get("mode").and_then(Value::as_str);
+            match Requested::parse(asked.unwrap_or(&self.relay.config.media.default_mode)) {
+                Some(r) => Some((r, asked.is_some())),
+                None => {
+                    self.error(ErrorCode::InvalidPayload, "mode must be \"p2p\", \"sfu\" or \"auto\"", corr);
+                    return;
+                }
+            }
+        } else {
+            None
         };
-        if let Err(e) = self.relay.media.from_pilot(session, w.subtype == "offer") {
-            self.error(ErrorCode::InvalidPayload, e.to_string(), corr);
+        if requested.is_some_and(|(r, _)| r == Requested::Sfu) && self.relay.sfu.is_none() {
+            self.error(ErrorCode::Unsupported, "this relay runs without its SFU (--no-sfu): use mode p2p", corr);
             return;
+        }
+        let fresh = MediaSession::new(&id, &device, &me.org, &me.id, self.conn.id);
+        let (session, opened) = match self.relay.media.from_pilot(fresh, offer) {
+            Ok(s) => s,
+            Err(e) => {
+                self.error(ErrorCode::InvalidPayload, e.to_string(), corr);
+                return;
+            }
+        };
+        let session = match requested {
+            Some((r, explicit)) if opened => match self.open_session(&session, r, explicit) {
+                Some(s) => s,
+                None => return,
+            },
+            _ => session,
+        };
+        if w.subtype == "state" {
+            self.on_peer_state(&session, w.rest.get("state").and_then(Value::as_str));
+            return;
+        }
+        if session.mode == media::Mode::Sfu {
+            self.pilot_sfu(&session, &w, corr, payload).await;
+            return;
+        }
+        if offer {
+            self.relay.media.update(&id, |s| {
+                s.connected = false;
+                s.attempt += 1;
+            });
+            self.arm_fallback(&id);
         }
         let text = message::encode_routed("webrtc", corr.as_deref(), Some(&device), &me.id, payload);
         match self.relay.hub.send_to(&me.org, &device, Utf8Bytes::from(text)) {
@@ -878,9 +924,114 @@ impl Session {
         }
     }
 
+    /// Decides a new session's mode, records it and tells the pilot (`mode`). None if the
+    /// offer was refused (the pilot has been told).
+    fn open_session(&self, s: &MediaSession, requested: Requested, explicit: bool) -> Option<MediaSession> {
+        let cfg = &self.relay.config.media;
+        let has_sfu = self.relay.sfu.is_some();
+        let (mode, auto, reason) = match requested {
+            Requested::P2p => (media::Mode::P2p, false, if explicit { "requested" } else { "default" }),
+            Requested::Sfu => (media::Mode::Sfu, false, if explicit { "requested" } else { "default" }),
+            Requested::Auto if !has_sfu => (media::Mode::P2p, false, "sfu_disabled"),
+            Requested::Auto => {
+                let watching = self.relay.media.count_device(&s.org, &s.device, &s.id);
+                if watching >= cfg.sfu_above_viewers {
+                    (media::Mode::Sfu, true, "viewers")
+                } else {
+                    (media::Mode::P2p, true, "auto_p2p_first")
+                }
+            }
+        };
+        let s = self.relay.media.update(&s.id, |s| {
+            s.mode = mode;
+            s.auto = auto;
+        })?;
+        tracing::info!(session = %s.id, device = %s.device, pilot = %s.pilot, mode = mode.as_str(), %reason, "video session opened");
+        media::to_pilot(&self.relay, &s, &media::mode_payload(&s, reason, cfg.p2p_timeout));
+        Some(s)
+    }
+
+    /// An `auto` session's peer-to-peer attempt gets `--p2p-timeout` to report `connected`.
+    fn arm_fallback(&self, id: &str) {
+        let Some(s) = self.relay.media.get(id).filter(|s| s.auto && s.mode == media::Mode::P2p) else { return };
+        let relay = self.relay.clone();
+        let (id, attempt) = (id.to_owned(), s.attempt);
+        let deadline = relay.config.media.p2p_deadline();
+        let shutdown = relay.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(deadline) => media::fallback(&relay, &id, Some(attempt), "p2p_timeout"),
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+
+    /// A side's report of its peer connection state: `connected` settles an `auto` session's
+    /// attempt, `failed` moves it to the SFU. Not forwarded.
+    fn on_peer_state(&self, s: &MediaSession, state: Option<&str>) {
+        if s.mode != media::Mode::P2p {
+            return;
+        }
+        match state {
+            Some("connected") => {
+                self.relay.media.update(&s.id, |s| s.connected = true);
+            }
+            Some("failed") => media::fallback(&self.relay, &s.id, None, "p2p_failed"),
+            _ => {}
+        }
+    }
+
+    /// A pilot's message in an SFU session: offers are answered by the SFU (the answer and its
+    /// candidates come back through `media::route_sfu`), candidates go to its peer, `bye` ends it.
+    async fn pilot_sfu(&self, s: &MediaSession, w: &WebRtc, corr: Option<String>, payload: Option<&RawValue>) {
+        let Some(sfu) = self.relay.sfu.clone() else { return };
+        let _ = payload;
+        match w.subtype.as_str() {
+            "offer" => {
+                let Some(sdp) = w.rest.get("sdp").and_then(Value::as_str).map(str::to_owned) else {
+                    self.error(ErrorCode::InvalidPayload, "an offer needs sdp", corr);
+                    return;
+                };
+                if corr.is_some() {
+                    self.ack("delivered", corr, None, None);
+                }
+                let (relay, s) = (self.relay.clone(), s.clone());
+                tokio::spawn(async move {
+                    let key = s.key();
+                    let options = ::media::sfu::SubscribeOptions::default();
+                    if let Err(e) = sfu.subscribe(&key, &s.id, &sdp, options).await {
+                        tracing::warn!(session = %s.id, device = %s.device, "SFU could not serve the viewer: {e}");
+                        if relay.media.end(&s.id).is_some() {
+                            let bye = json!({"subtype": "bye", "sessionID": s.id, "reason": "sfu_failed", "message": e.to_string()});
+                            media::to_pilot(&relay, &s, &bye);
+                        }
+                    }
+                });
+            }
+            "ice_candidate" => {
+                let c: ::media::rtc::Candidate = match serde_json::from_value(Value::Object(w.rest.clone())) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.error(ErrorCode::InvalidPayload, format!("unreadable ICE candidate: {e}"), corr);
+                        return;
+                    }
+                };
+                if let Err(e) = sfu.viewer_candidate(&s.id, c).await {
+                    tracing::debug!(session = %s.id, "candidate for the SFU refused: {e}");
+                }
+            }
+            "bye" => {
+                self.relay.media.end(&s.id);
+                sfu.unsubscribe(&s.id).await;
+            }
+            other => tracing::debug!(session = %s.id, "ignoring webrtc {other:?} in an SFU session"),
+        }
+    }
+
     /// Device -> pilot signaling: only within a session the pilot opened, and only to the
     /// connection that opened it. If that pilot is gone, the device hears `bye` (`pilot_left`).
-    fn device_webrtc(&self, w: WebRtc, corr: Option<String>, target: Option<String>, payload: Option<&RawValue>) {
+    /// Messages of the SFU's upstream sessions go to the SFU.
+    async fn device_webrtc(&self, w: WebRtc, corr: Option<String>, target: Option<String>, payload: Option<&RawValue>) {
         if target.as_deref().is_some_and(|t| self.relay.hub.role_of(t) == Some(Role::Device)) {
             self.error(ErrorCode::NotAllowed, "devices answer operators; they cannot message other devices", corr);
             return;
@@ -890,7 +1041,18 @@ impl Session {
             self.error(ErrorCode::InvalidPayload, "webrtc messages need a sessionID (1 to 128 characters)", corr);
             return;
         };
+        if let Some(sfu) = &self.relay.sfu {
+            let key = ::media::sfu::DeviceKey::new(&me.org, &me.id);
+            if sfu.from_device(&key, &id, &w.subtype, &w.rest).await {
+                return;
+            }
+        }
         let Some(session) = self.relay.media.for_device(&id, &me.id) else {
+            if id.starts_with("sfu-") {
+                // An upstream the SFU already closed: nothing to tell anyone.
+                tracing::debug!(session = %id, "late message for a closed SFU upstream");
+                return;
+            }
             self.error(
                 ErrorCode::InvalidPayload,
                 format!("no open session {id:?} with this device: the pilot left or never sent an offer"),
@@ -898,6 +1060,15 @@ impl Session {
             );
             return;
         };
+        if session.mode == media::Mode::Sfu {
+            // Left over from a peer-to-peer attempt that moved to the SFU.
+            tracing::debug!(session = %id, subtype = %w.subtype, "device message for a session now in the SFU dropped");
+            return;
+        }
+        if w.subtype == "state" {
+            self.on_peer_state(&session, w.rest.get("state").and_then(Value::as_str));
+            return;
+        }
         let text = message::encode_routed("webrtc", corr.as_deref(), Some(&session.pilot), &me.id, payload);
         if self.relay.hub.send_to_conn(session.conn, Utf8Bytes::from(text)) {
             self.relay.metrics.count_out(type_index("webrtc"), 1);

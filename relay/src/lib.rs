@@ -23,6 +23,7 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod whep;
 pub mod ws;
 
 use std::collections::HashMap;
@@ -92,6 +93,12 @@ pub struct Relay {
     pub leases: leases::Leases,
     /// WebRTC signaling sessions.
     pub media: media::MediaSessions,
+    /// The SFU, unless turned off (`--no-sfu`).
+    pub sfu: Option<Arc<::media::sfu::Sfu>>,
+    /// What the SFU has to say, until `server::start` takes it to route it.
+    pub sfu_out: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<::media::sfu::SfuOut>>>,
+    /// WHEP sessions: id -> who opened it.
+    pub whep: Mutex<HashMap<String, whep::WhepSession>>,
     /// Rate limits.
     pub limits: limits::Limits,
     /// Routing between connections.
@@ -121,7 +128,16 @@ impl Relay {
             connections_per_minute: config.connections_per_minute,
             auth_failures_per_minute: config.auth_failures_per_minute,
         });
+        let (sfu, sfu_out) = if config.media.no_sfu {
+            (None, None)
+        } else {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (Some(::media::sfu::Sfu::new(config.media.sfu_settings(), tx)), Some(rx))
+        };
         Relay {
+            sfu,
+            sfu_out: Mutex::new(sfu_out),
+            whep: Mutex::new(HashMap::new()),
             access: access::Access::default(),
             leases: leases::Leases::new(config.lease_lifetime()),
             media: media::MediaSessions::default(),

@@ -97,6 +97,7 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (impl Reply,), Error =
         .or(ws_status)
         .or(ws_device)
         .or(crate::api::routes(relay.clone()))
+        .or(crate::whep::routes(relay.clone()))
         .or(console)
         .recover(recover)
 }

@@ -111,6 +111,10 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
         tracing::error!("could not load the deny list: {e}");
     }
     relay.tasks.spawn(housekeeping(relay.clone()));
+    if let Some(rx) = relay.sfu_out.lock().take() {
+        // Not tracked: it ends when the relay (and with it the SFU's sender) is dropped.
+        tokio::spawn(crate::media::route_sfu(relay.clone(), rx));
+    }
     let shutdown = relay.shutdown.clone();
     let server = match tls {
         Some(tls) => tokio::spawn(crate::tls::serve(listener, tls, relay.clone(), shutdown)),
