@@ -280,6 +280,23 @@ pub fn fallback(relay: &Arc<Relay>, id: &str, attempt: Option<u64>, reason: &str
     to_pilot(relay, &s, &mode_payload(&s, reason, relay.config.media.p2p_timeout));
 }
 
+/// The SFU's lines of `/metrics` (Prometheus text format).
+pub fn sfu_metrics(s: &::media::sfu::SfuStats) -> String {
+    format!(
+        "# HELP tether_sfu_publications Devices publishing into the SFU.\n# TYPE tether_sfu_publications gauge\n\
+         tether_sfu_publications {}\n\
+         # HELP tether_sfu_viewers Viewers served by the SFU.\n# TYPE tether_sfu_viewers gauge\n\
+         tether_sfu_viewers {}\n\
+         # HELP tether_sfu_packets_in_total RTP packets received from devices.\n# TYPE tether_sfu_packets_in_total counter\n\
+         tether_sfu_packets_in_total {}\n\
+         # HELP tether_sfu_packets_out_total RTP packets forwarded to viewers.\n# TYPE tether_sfu_packets_out_total counter\n\
+         tether_sfu_packets_out_total {}\n\
+         # HELP tether_sfu_keyframe_requests_total Keyframe requests sent to devices.\n# TYPE tether_sfu_keyframe_requests_total counter\n\
+         tether_sfu_keyframe_requests_total {}\n",
+        s.publications, s.viewers, s.packets_in, s.packets_out, s.keyframe_requests
+    )
+}
+
 /// Delivers what the SFU has to say: upstream signaling to devices (`from` `relay`), candidates
 /// to viewers' pilot connections, and the end of viewers whose publisher went away.
 pub async fn route_sfu(relay: Arc<Relay>, mut rx: mpsc::UnboundedReceiver<SfuOut>) {

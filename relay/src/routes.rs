@@ -43,7 +43,10 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (impl Reply,), Error =
 
     let health = warp::path!("health").and(warp::get()).and(r()).then(health);
     let metrics = warp::path!("metrics").and(warp::get()).and(r()).map(|relay: Arc<Relay>| {
-        let body = relay.metrics.render(relay.hub.counts(), relay.started.elapsed().as_secs_f64());
+        let mut body = relay.metrics.render(relay.hub.counts(), relay.started.elapsed().as_secs_f64());
+        if let Some(sfu) = &relay.sfu {
+            body.push_str(&crate::media::sfu_metrics(&sfu.stats()));
+        }
         warp::reply::with_header(body, "content-type", "text/plain; version=0.0.4").into_response()
     });
 

@@ -143,11 +143,11 @@ async fn close(relay: &Arc<Relay>, who: &Identity, device: &str, id: &str) -> Re
 async fn authorize(relay: &Arc<Relay>, who: &Identity, device: &str) -> Result<(), OpError> {
     let id = device.to_owned();
     let found = relay.store.call(move |c| q::device_credentials(c, &id)).await?;
-    if !found.is_some_and(|(d, _)| d.org_id == who.org) {
+    if found.is_none_or(|(d, _)| d.org_id != who.org) {
         return Err(OpError::not_found(format!("no device {device:?} in your organisation")));
     }
     let level = relay.access.level(&relay.store, who, device).await?;
-    if !level.is_some_and(|l| l >= Level::View) {
+    if level.is_none_or(|l| l < Level::View) {
         return Err(OpError::forbidden(format!("watching {device} needs view permission")));
     }
     Ok(())
