@@ -873,6 +873,11 @@ impl Session {
             self.error(ErrorCode::Unsupported, "this relay runs without its SFU (--no-sfu): use mode p2p", corr);
             return;
         }
+        if offer && !self.relay.hub.is_online(&device) {
+            // Refused before anything opens: signaling is never queued.
+            self.error(ErrorCode::TargetOffline, format!("{device} is not connected"), corr);
+            return;
+        }
         let fresh = MediaSession::new(&id, &device, &me.org, &me.id, self.conn.id);
         let (session, opened) = match self.relay.media.from_pilot(fresh, offer) {
             Ok(s) => s,
@@ -881,19 +886,20 @@ impl Session {
                 return;
             }
         };
-        let session = match requested {
+        // A new session's mode, announced (`mode`) after the offer's ack.
+        let (session, announce) = match requested {
             Some((r, explicit)) if opened => match self.open_session(&session, r, explicit) {
-                Some(s) => s,
+                Some((s, reason)) => (s, Some(reason)),
                 None => return,
             },
-            _ => session,
+            _ => (session, None),
         };
         if w.subtype == "state" {
             self.on_peer_state(&session, w.rest.get("state").and_then(Value::as_str));
             return;
         }
         if session.mode == media::Mode::Sfu {
-            self.pilot_sfu(&session, &w, corr, payload).await;
+            self.pilot_sfu(&session, &w, corr, announce).await;
             return;
         }
         if offer {
@@ -912,6 +918,9 @@ impl Session {
                 if corr.is_some() {
                     self.ack("delivered", corr, None, None);
                 }
+                if let Some(reason) = announce {
+                    self.announce_mode(&session, reason);
+                }
             }
             Delivery::NotConnected => {
                 self.relay.media.end(&id);
@@ -924,9 +933,20 @@ impl Session {
         }
     }
 
-    /// Decides a new session's mode, records it and tells the pilot (`mode`). None if the
-    /// offer was refused (the pilot has been told).
-    fn open_session(&self, s: &MediaSession, requested: Requested, explicit: bool) -> Option<MediaSession> {
+    /// Tells the pilot which mode its session is in and why.
+    fn announce_mode(&self, s: &MediaSession, reason: &str) {
+        let s = self.relay.media.get(&s.id).unwrap_or_else(|| s.clone());
+        media::to_pilot(&self.relay, &s, &media::mode_payload(&s, reason, self.relay.config.media.p2p_timeout));
+    }
+
+    /// Decides a new session's mode and records it; returns the session and the reason to
+    /// announce. None if the session vanished meanwhile.
+    fn open_session(
+        &self,
+        s: &MediaSession,
+        requested: Requested,
+        explicit: bool,
+    ) -> Option<(MediaSession, &'static str)> {
         let cfg = &self.relay.config.media;
         let has_sfu = self.relay.sfu.is_some();
         let (mode, auto, reason) = match requested {
@@ -947,8 +967,7 @@ impl Session {
             s.auto = auto;
         })?;
         tracing::info!(session = %s.id, device = %s.device, pilot = %s.pilot, mode = mode.as_str(), %reason, "video session opened");
-        media::to_pilot(&self.relay, &s, &media::mode_payload(&s, reason, cfg.p2p_timeout));
-        Some(s)
+        Some((s, reason))
     }
 
     /// An `auto` session's peer-to-peer attempt gets `--p2p-timeout` to report `connected`.
@@ -983,9 +1002,8 @@ impl Session {
 
     /// A pilot's message in an SFU session: offers are answered by the SFU (the answer and its
     /// candidates come back through `media::route_sfu`), candidates go to its peer, `bye` ends it.
-    async fn pilot_sfu(&self, s: &MediaSession, w: &WebRtc, corr: Option<String>, payload: Option<&RawValue>) {
+    async fn pilot_sfu(&self, s: &MediaSession, w: &WebRtc, corr: Option<String>, announce: Option<&str>) {
         let Some(sfu) = self.relay.sfu.clone() else { return };
-        let _ = payload;
         match w.subtype.as_str() {
             "offer" => {
                 let Some(sdp) = w.rest.get("sdp").and_then(Value::as_str).map(str::to_owned) else {
@@ -994,6 +1012,9 @@ impl Session {
                 };
                 if corr.is_some() {
                     self.ack("delivered", corr, None, None);
+                }
+                if let Some(reason) = announce {
+                    self.announce_mode(s, reason);
                 }
                 let (relay, s) = (self.relay.clone(), s.clone());
                 tokio::spawn(async move {

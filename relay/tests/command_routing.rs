@@ -46,7 +46,7 @@ async fn webrtc_signaling_is_routed_both_ways() {
     let key = r.create_operator("ana", "default", OperatorRole::Pilot);
     let mut dev = r.device("boat-1", &secret).await;
     let mut p = r.operator(&key).await;
-    p.send(json!({"type":"webrtc","correlationID":"s1","clientID":"boat-1","payload":{"subtype":"offer","sessionID":"s1","sdp":"v=0"}})).await;
+    p.send(json!({"type":"webrtc","correlationID":"s1","clientID":"boat-1","payload":{"subtype":"offer","sessionID":"s1","sdp":"v=0","mode":"p2p"}})).await;
     let offer = dev.recv_type("webrtc").await;
     assert_eq!(offer["payload"]["sdp"], "v=0");
     assert_eq!(offer["from"], "op-ana");
@@ -54,7 +54,7 @@ async fn webrtc_signaling_is_routed_both_ways() {
         json!({"type":"webrtc","clientID":"op-ana","payload":{"subtype":"answer","sessionID":"s1","sdp":"v=0 answer"}}),
     )
     .await;
-    let answer = p.recv_type("webrtc").await;
+    let answer = p.recv_signal().await;
     assert_eq!(answer["payload"]["subtype"], "answer");
     assert_eq!(answer["from"], "boat-1");
     r.stop().await;

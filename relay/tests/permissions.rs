@@ -22,8 +22,9 @@ fn message(ty: &str) -> Value {
 /// Whether the relay let the message past the permission check.
 async fn allowed(p: &mut Client) -> bool {
     let mut v = p.recv().await;
-    // A subscription is followed by the lease state; neither decides anything here.
-    while v["type"] == "lease_state" {
+    // A subscription is followed by the lease state, a video offer by its `mode`
+    // announcement; neither decides anything here.
+    while v["type"] == "lease_state" || v["payload"]["subtype"] == "mode" {
         v = p.recv().await;
     }
     match (v["type"].as_str().unwrap(), v["payload"]["code"].as_str()) {

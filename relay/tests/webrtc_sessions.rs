@@ -9,7 +9,7 @@ use relay::store::OperatorRole;
 use serde_json::json;
 
 fn offer(session: &str) -> serde_json::Value {
-    json!({"type":"webrtc","clientID":"boat-1","payload":{"subtype":"offer","sessionID":session,"sdp":"v=0 offer"}})
+    json!({"type":"webrtc","clientID":"boat-1","payload":{"subtype":"offer","sessionID":session,"sdp":"v=0 offer","mode":"p2p"}})
 }
 
 #[tokio::test]
@@ -29,7 +29,7 @@ async fn sessions_route_between_one_pilot_connection_and_the_device() {
         json!({"type":"webrtc","clientID":"op-ana","payload":{"subtype":"answer","sessionID":"s1","sdp":"v=0 a"}}),
     )
     .await;
-    let a = tab1.recv_type("webrtc").await;
+    let a = tab1.recv_signal().await;
     assert_eq!(a["payload"]["subtype"], "answer");
     assert_eq!(a["from"], "boat-1");
     assert!(tab2.try_recv(std::time::Duration::from_millis(300)).await.is_none());
@@ -37,7 +37,7 @@ async fn sessions_route_between_one_pilot_connection_and_the_device() {
     tab1.send(json!({"type":"webrtc","clientID":"boat-1","payload":{"subtype":"ice_candidate","sessionID":"s1","candidate":"candidate:1 1 udp 1 10.0.0.1 5000 typ host","sdpMid":"0","sdpMLineIndex":0}})).await;
     assert_eq!(dev.recv_type("webrtc").await["payload"]["sdpMid"], "0");
     dev.send(json!({"type":"webrtc","payload":{"subtype":"ice_candidate","sessionID":"s1","candidate":"candidate:2 1 udp 1 10.0.0.2 5001 typ host"}})).await;
-    assert_eq!(tab1.recv_type("webrtc").await["payload"]["subtype"], "ice_candidate");
+    assert_eq!(tab1.recv_signal().await["payload"]["subtype"], "ice_candidate");
 
     // Someone else's session id, a candidate before any offer, a message without sessionID.
     tab2.send(offer("s1")).await;
@@ -73,13 +73,13 @@ async fn the_pilot_hears_why_a_session_ended() {
     dev.recv_type("webrtc").await;
     // The device ends it.
     dev.send(json!({"type":"webrtc","payload":{"subtype":"bye","sessionID":"s1","reason":"video_disabled"}})).await;
-    assert_eq!(p.recv_type("webrtc").await["payload"]["reason"], "video_disabled");
+    assert_eq!(p.recv_signal().await["payload"]["reason"], "video_disabled");
     assert_eq!(r.running().relay.media.len(), 0);
     // The device goes offline mid-session.
     p.send(offer("s2")).await;
     dev.recv_type("webrtc").await;
     drop(dev);
-    let bye = p.recv_type("webrtc").await;
+    let bye = p.recv_signal().await;
     assert_eq!(bye["payload"], json!({"subtype":"bye","sessionID":"s2","reason":"device_offline"}));
     assert_eq!(bye["from"], "boat-1");
     // And an offer to an offline device is refused without opening anything.

@@ -248,6 +248,16 @@ impl Client {
         }
     }
 
+    /// The next `webrtc` message other than the relay's `mode` announcements.
+    pub async fn recv_signal(&mut self) -> Value {
+        loop {
+            let v = self.recv_type("webrtc").await;
+            if v["payload"]["subtype"] != "mode" {
+                return v;
+            }
+        }
+    }
+
     /// Waits for the close frame; returns it (None if the socket just ended).
     pub async fn expect_close(&mut self) -> Option<CloseFrame> {
         let deadline = tokio::time::Instant::now() + WAIT;
