@@ -683,7 +683,7 @@ async fn an_offer_to_an_agent_with_video_disabled_ends_with_bye_video_disabled()
     agent.wait_for_log("authenticated with the relay").await;
 
     let mut pilot = Pilot::offer(addr, &key, "off-1", OfferedCodec::chrome_like_h264()).await;
-    let bye = pilot.recv_until("bye", |v| v["type"] == "webrtc").await;
+    let bye = pilot.recv_until("bye", |v| v["type"] == "webrtc" && v["payload"]["subtype"] == "bye").await;
     assert_eq!(bye["from"], "boat-7", "{bye}");
     assert_eq!(bye["payload"]["subtype"], "bye", "{bye}");
     assert_eq!(bye["payload"]["sessionID"], "off-1", "{bye}");
