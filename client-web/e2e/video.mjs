@@ -22,8 +22,10 @@
 // emulation) until the console restarts ICE on the same session; the relay WebSocket is cut
 // (routed through Playwright) and the console starts a new session by itself; a `bye` is
 // shown with its reason and Start works again.
-// Prints `video e2e timing: {json}` (with `mode`: the panel's data-mode after the first frame)
-// and, on success, `video e2e: all steps passed`; exits 1 with what failed otherwise.
+// Prints `video e2e timing: {json}` (with `mode`: the panel's data-mode after the first frame;
+// `firstSession`: the first session's click -> first frame, answer and connected times, the only
+// cold start through the SFU, whose upstream stays open between the quick timed runs) and, on
+// success, `video e2e: all steps passed`; exits 1 with what failed otherwise.
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
 import { startFakeDevice } from './fake-device.mjs';
@@ -184,6 +186,8 @@ await step('01-open-device', openConsole);
 /** The panel's data-mode (and its reason) after the first frame of the first session. */
 let firstMode = null;
 let firstModeReason = null;
+/** The first session's timings (ms after the click). */
+let firstSession = null;
 
 await step('02-video-live', async () => {
   if ((await data('state')) !== 'off') throw new Error(`panel starts in state ${await data('state')}`);
@@ -228,7 +232,12 @@ await step('02-video-live', async () => {
   if (firstMode === 'sfu' && answers[answers.length - 1].payload.mode !== 'sfu') throw new Error('the SFU\'s answer does not say "mode":"sfu"');
   console.log(`  ${variant}: mode ${firstMode}${firstModeReason ? ` (${firstModeReason})` : ''}, asked for ${asked}${moved ? '; moved to the SFU' : ''}`);
   console.log(`  ${variant}: console host candidates ${host.map((c) => c.split(' ')[4]).join(', ')}; device candidates ${theirs.map((m) => m.payload.candidate.split(' ').slice(4, 6).join(':')).join(', ')}`);
-  console.log(`  ${variant}: first frame ${await data('firstFrameMs')} ms after the click (answer ${await data('answerMs')} ms, connected ${await data('connectedMs')} ms)`);
+  firstSession = {
+    firstFrameMs: Number(await data('firstFrameMs')),
+    answerMs: Number(await data('answerMs')),
+    connectedMs: Number(await data('connectedMs')),
+  };
+  console.log(`  ${variant}: first frame ${firstSession.firstFrameMs} ms after the click (answer ${firstSession.answerMs} ms, connected ${firstSession.connectedMs} ms)`);
 });
 
 await step('03-stop', async () => {
@@ -250,7 +259,7 @@ async function waitUntil(pred, what, timeout = t.timeout) {
 }
 
 // ---- click to first frame, several times --------------------------------------------------------
-const timing = { variant, width: opts.width, height: opts.height, mode: firstMode, modeReason: firstModeReason, runs: [] };
+const timing = { variant, width: opts.width, height: opts.height, mode: firstMode, modeReason: firstModeReason, firstSession, runs: [] };
 if (opts.runs > 0) {
   await step('04-timing', async () => {
     for (let i = 0; i < opts.runs; i++) {
@@ -266,7 +275,8 @@ if (opts.runs > 0) {
       });
       await toggle().click();
       await waitData('state', 'is', 'off');
-      // Let the agent stop its pipeline (last viewer gone), so every run starts it afresh.
+      // Let the agent stop its pipeline (last viewer gone), so every run starts it afresh (peer
+      // to peer; through the SFU the relay keeps the device's upstream open for 10 s: warm runs).
       await page.waitForTimeout(500);
     }
   });

@@ -1,11 +1,16 @@
 //! Live video in a real browser: the real agent (`tether-device` streaming its test pattern as
 //! H.264, 640x480 at 15 fps) answers the console's offer through the real relay's signaling, and
 //! Debian's chromium, driven by client-web/e2e/video.mjs, decodes its frames at that size. Run
-//! twice: with Chromium's default mDNS host candidates (`<uuid>.local`, as every pilot's browser
-//! sends them) and with `--disable-features=WebRtcHideLocalIpsWithMdns`. The first run also
-//! times click -> first frame (printed, for docs/benchmarks.md; `--nocapture` shows it, and it is
-//! written to target/screenshots/video/timing-<variant>.json), cuts the console's relay
-//! WebSocket to see a new session start by itself, and checks that a `bye` is shown.
+//! three times: in mode `auto` (the console's default; the agent reports its peer's state, so
+//! the session must stay peer to peer) with Chromium's default mDNS host candidates (`<uuid>.local`,
+//! as every pilot's browser sends them) and with `--disable-features=WebRtcHideLocalIpsWithMdns`,
+//! then in mode `sfu` (mDNS candidates again): the console plays through the relay's SFU, whose
+//! viewer peer must resolve those names. Every run times click -> first frame (printed, for
+//! docs/benchmarks.md; `--nocapture` shows it, and it is written to
+//! target/screenshots/video/timing-<variant>.json); the first and the SFU run also drop the
+//! media path until the console restarts ICE, cut the console's relay WebSocket to see a new
+//! session start by itself, and check that a `bye` is shown. `RUST_LOG` (e.g.
+//! `info,media=debug`) prints the relay's log, its SFU's peer states among it.
 //!
 //! Two choices make this work on any Linux machine with a network interface:
 //! - **Addresses.** Chromium gathers no loopback ICE candidates, so media must flow over a
@@ -39,6 +44,13 @@ const TIMED_RUNS: u32 = 7;
 
 #[tokio::test]
 async fn console_plays_the_agents_test_pattern_in_chromium() {
+    // The relay's own log (its SFU's peer states among it), when asked for: RUST_LOG=info,media=debug.
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let e2e = root.join("client-web/e2e");
     assert!(
@@ -84,7 +96,11 @@ async fn console_plays_the_agents_test_pattern_in_chromium() {
         .unwrap_or_else(|e| panic!("cannot run the agent {}: {e}", agent.display()));
 
     let shots = root.join("target/screenshots/video");
-    let variants: [(&str, &[&str]); 2] = [("mdns", &[]), ("plain", &["--no-mdns", "--no-recovery"])];
+    let variants: [(&str, &[&str]); 3] = [
+        ("mdns", &["--expect-mode", "p2p"]),
+        ("plain", &["--no-mdns", "--no-recovery", "--expect-mode", "p2p"]),
+        ("sfu", &["--mode", "sfu", "--expect-mode", "sfu"]),
+    ];
     for (variant, flags) in variants {
         let out = tokio::time::timeout(
             Duration::from_secs(300),
