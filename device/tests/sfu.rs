@@ -481,3 +481,101 @@ async fn a_whep_client_watches_through_the_sfu() {
     drop(agent);
     running.shutdown(Duration::from_secs(5)).await;
 }
+
+/// The address this machine uses for outside traffic (a non-loopback interface).
+fn interface_address() -> std::net::IpAddr {
+    // Connecting a UDP socket only picks the route and source address; nothing is sent.
+    let ip = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip())
+        .expect("this test needs a non-loopback IPv4 interface with a route");
+    assert!(!ip.is_loopback() && !ip.is_unspecified(), "no usable interface address ({ip})");
+    ip
+}
+
+/// `n` consecutive UDP and TCP ports that are free right now, above 20000.
+fn free_port_range(n: u16) -> (u16, u16) {
+    let mut base = 20_000 + (std::process::id() % 20_000) as u16;
+    loop {
+        let free = (base..base + n).all(|p| {
+            std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok() && std::net::TcpListener::bind(("0.0.0.0", p)).is_ok()
+        });
+        if free {
+            return (base, base + n - 1);
+        }
+        base = if base > 60_000 { 20_000 } else { base + n };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sfu_announces_its_public_address_on_ports_of_its_range_with_ice_tcp() {
+    let ip = interface_address();
+    let (lo, hi) = free_port_range(40);
+    let dir = tempfile::tempdir().unwrap();
+    // The "public" address is the interface's own here (a real 1:1 NAT would map it), so the
+    // viewer can still reach it; what is checked is what the relay announces, and that media
+    // flows over it.
+    let running = start_with(dir.path(), 0, |c| {
+        c.media.public_ips = vec![ip.to_string()];
+        c.media.rtc_ports = Some((lo, hi));
+        c.media.ice_tcp = true;
+    })
+    .await;
+    let addr = running.addr;
+    let (secret, key) = fleet(&running, "view");
+    let mut agent = RunningAgent::spawn(&config(dir.path(), addr, &secret), &[]);
+    agent.wait_for_log("authenticated with the relay").await;
+
+    let options = ViewerOptions { codecs: OfferedCodec::chrome_like_h264(), ..ViewerOptions::default() };
+    let NewViewer { viewer, offer, mut candidates, mut packets } = Viewer::offer(&options).await.unwrap();
+    let mut gathered = Vec::new();
+    while let Some(Some(c)) = tokio::time::timeout(DEADLINE, candidates.recv()).await.unwrap() {
+        gathered.push(c);
+    }
+    let offer = media::sfu::with_candidates(&offer, &gathered);
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/whep/boat-7"))
+        .bearer_auth(&key)
+        .header("content-type", "application/sdp")
+        .body(offer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let answer = r.text().await.unwrap();
+    // a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ <type> ...
+    let lines: Vec<Vec<&str>> = answer
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("a=candidate:"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let v4: Vec<&Vec<&str>> = lines.iter().filter(|f| f[4].parse::<std::net::Ipv4Addr>().is_ok()).collect();
+    assert!(!v4.is_empty(), "no IPv4 candidates in {answer}");
+    for f in &v4 {
+        assert_eq!(f[4], ip.to_string(), "a candidate does not carry the public address: {f:?}");
+        let port: u16 = f[5].parse().unwrap();
+        assert!((lo..=hi).contains(&port) || port == 9, "port {port} is outside {lo}-{hi}: {f:?}");
+    }
+    assert!(v4.iter().any(|f| f[2].eq_ignore_ascii_case("udp")), "no UDP candidate: {answer}");
+    assert!(
+        v4.iter().any(|f| f[2].eq_ignore_ascii_case("tcp") && f.windows(2).any(|w| w == ["tcptype", "passive"])),
+        "no passive ICE-TCP candidate: {answer}"
+    );
+    viewer.apply_answer(&answer).await.unwrap();
+    tokio::time::timeout(DEADLINE, viewer.wait_connected()).await.unwrap().unwrap();
+    let mut keyframe = false;
+    let mut frames = 0;
+    let mut last = None;
+    while frames < 5 {
+        let p = tokio::time::timeout(DEADLINE, packets.recv()).await.unwrap().unwrap();
+        keyframe |= is_keyframe(&p);
+        if keyframe && last != Some(p.header.timestamp) {
+            frames += 1;
+            last = Some(p.header.timestamp);
+        }
+    }
+    viewer.close().await;
+    drop(agent);
+    running.shutdown(Duration::from_secs(5)).await;
+}
