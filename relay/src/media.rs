@@ -306,6 +306,13 @@ pub async fn route_sfu(relay: Arc<Relay>, mut rx: mpsc::UnboundedReceiver<SfuOut
             SfuOut::ToViewer { viewer, payload, .. } => {
                 if let Some(s) = relay.media.get(&viewer).filter(|s| s.mode == Mode::Sfu) {
                     to_pilot(&relay, &s, &payload);
+                } else if !relay.whep.lock().contains_key(&viewer)
+                    && let Some(sfu) = relay.sfu.clone()
+                {
+                    // The pilot left while its viewer was being set up: nobody will ever
+                    // connect to it.
+                    tracing::debug!(%viewer, "SFU viewer without a session; removing it");
+                    tokio::spawn(async move { sfu.unsubscribe(&viewer).await });
                 }
             }
             SfuOut::ViewerEnded { viewer, reason, message, .. } => {
