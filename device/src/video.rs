@@ -15,7 +15,7 @@
 //! `auto` sessions on it. The relay's SFU is a viewer like any other (`from` `relay`).
 //!
 //! The encoder follows the viewers: a keyframe when any of them asks (PLI/FIR, at most one
-//! every 500 ms), and the bitrate set to the lowest receiver estimate (REMB) between the
+//! every 500 ms; a request inside that gap is served when it ends), and the bitrate set to the lowest receiver estimate (REMB) between the
 //! configured bounds, lowered further while a receiver reports heavy loss.
 
 use std::collections::HashMap;
@@ -83,6 +83,9 @@ struct State {
     packets: Option<mpsc::Receiver<Bytes>>,
     events: mpsc::Sender<(String, PeerEvent)>,
     last_keyframe: Instant,
+    /// A keyframe was asked for inside the gap after the previous one: it is forced when the
+    /// gap ends (a relay's SFU asks once for a viewer that just joined and must not be ignored).
+    keyframe_pending: bool,
 }
 
 async fn run(config: VideoConfig, mut rx: mpsc::Receiver<Signal>, out: mpsc::Sender<String>) {
@@ -95,6 +98,7 @@ async fn run(config: VideoConfig, mut rx: mpsc::Receiver<Signal>, out: mpsc::Sen
         packets: None,
         events,
         last_keyframe: Instant::now() - KEYFRAME_GAP,
+        keyframe_pending: false,
     };
     loop {
         tokio::select! {
@@ -103,6 +107,7 @@ async fn run(config: VideoConfig, mut rx: mpsc::Receiver<Signal>, out: mpsc::Sen
                 None => break,
             },
             Some((id, ev)) = event_rx.recv() => st.on_event(&id, ev).await,
+            _ = tokio::time::sleep_until((st.last_keyframe + KEYFRAME_GAP).into()), if st.keyframe_pending => st.keyframe(),
             p = next_packet(&mut st.packets) => match p {
                 Some(p) => st.forward(p).await,
                 None => st.pipeline_ended().await,
@@ -319,6 +324,7 @@ impl State {
                     {
                         p.request_keyframe();
                         self.last_keyframe = Instant::now();
+                        self.keyframe_pending = false;
                     }
                 }
                 if state == "closed" {
@@ -356,12 +362,19 @@ impl State {
         // and a request that early makes GStreamer's encoder base class stamp it with x264enc's
         // 1000-hour time offset, after which its min-force-key-unit-interval throttle refuses
         // every later request (no keyframe on PLI for the pipeline's whole life).
-        if let Some(p) = &self.pipeline
-            && p.stats().packets > 0
-            && self.last_keyframe.elapsed() >= KEYFRAME_GAP
-        {
+        let Some(p) = &self.pipeline else {
+            self.keyframe_pending = false;
+            return;
+        };
+        if p.stats().packets == 0 {
+            // The first frame is a keyframe anyway.
+            self.keyframe_pending = false;
+        } else if self.last_keyframe.elapsed() >= KEYFRAME_GAP {
             p.request_keyframe();
             self.last_keyframe = Instant::now();
+            self.keyframe_pending = false;
+        } else {
+            self.keyframe_pending = true;
         }
     }
 

@@ -20,26 +20,22 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::video::Pilot;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use media::rtc::Candidate;
-use media::viewer::{NewViewer, OfferedCodec, Viewer, ViewerOptions};
+use media::viewer::OfferedCodec;
 use rtc::rtp;
 use rtc::rtp::codec::h264::H264Packet;
 use rtc::rtp::codec::vp8::Vp8Packet;
 use rtc::rtp::packetizer::Depacketizer;
 use rtc::shared::marshal::Marshal;
-use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
+use serde_json::json;
+use tokio::sync::mpsc;
 
 /// Generous: a session on loopback comes up in well under a second, but the agent also starts
 /// a GStreamer pipeline, and CI machines are slow and busy.
@@ -108,145 +104,6 @@ fn video_block(codec: Codec) -> String {
          framerate: {FRAMERATE}\n  includeLoopback: true\n",
         codec.config_name()
     )
-}
-
-/// The pilot's side: the viewer, and its signaling pumped over an operator WebSocket.
-struct Pilot {
-    viewer: Arc<Viewer>,
-    packets: mpsc::Receiver<rtp::Packet>,
-    /// Messages the pump did not consume: acks, errors, and the session's `bye`.
-    inbox: mpsc::UnboundedReceiver<Value>,
-    /// Tells the pump to close the WebSocket (the pilot leaving).
-    close: Option<oneshot::Sender<()>>,
-    pump: JoinHandle<()>,
-}
-
-impl Pilot {
-    /// Opens the WebSocket and offers session `session` to boat-7; the signaling then runs in
-    /// the background until [`Pilot::leave`].
-    async fn offer(addr: std::net::SocketAddr, key: &str, session: &str, codecs: Vec<OfferedCodec>) -> Pilot {
-        let mut ws = operator(addr, key).await;
-        // On loopback only: the agent's `includeLoopback` gives it a 127.0.0.1 candidate to pair with.
-        let options = ViewerOptions {
-            codecs,
-            include_loopback: true,
-            udp_addrs: vec!["127.0.0.1:0".to_owned()],
-            ..ViewerOptions::default()
-        };
-        let NewViewer { viewer, offer, candidates, packets } = Viewer::offer(&options).await.unwrap();
-        let viewer = Arc::new(viewer);
-        send(
-            &mut ws,
-            json!({"type": "webrtc", "correlationID": session, "clientID": "boat-7",
-                   "payload": {"subtype": "offer", "sessionID": session, "sdp": offer}}),
-        )
-        .await;
-        let (inbox_tx, inbox) = mpsc::unbounded_channel();
-        let (close, close_rx) = oneshot::channel();
-        let pump = tokio::spawn(pump(ws, viewer.clone(), candidates, session.to_owned(), inbox_tx, close_rx));
-        Pilot { viewer, packets, inbox, close: Some(close), pump }
-    }
-
-    /// Waits until the viewer is connected; on failure, says what the relay sent.
-    async fn connected(&mut self) {
-        let result = tokio::time::timeout(DEADLINE, self.viewer.wait_connected()).await;
-        if !matches!(result, Ok(Ok(()))) {
-            let mut seen = Vec::new();
-            while let Ok(v) = self.inbox.try_recv() {
-                seen.push(v);
-            }
-            panic!("the viewer did not connect ({result:?}); the relay also sent {seen:?}");
-        }
-    }
-
-    /// The next inbox message that matches.
-    async fn recv_until(&mut self, what: &str, want: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let v = tokio::time::timeout_at(deadline, self.inbox.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no {what} in time"))
-                .unwrap_or_else(|| panic!("the signaling pump ended waiting for {what}"));
-            if want(&v) {
-                return v;
-            }
-        }
-    }
-
-    /// Closes the WebSocket, as a pilot closing the console's tab does.
-    async fn leave(&mut self) {
-        if let Some(close) = self.close.take() {
-            let _ = close.send(());
-        }
-        tokio::time::timeout(DEADLINE, &mut self.pump).await.expect("the pump did not end").unwrap();
-    }
-}
-
-impl Drop for Pilot {
-    fn drop(&mut self) {
-        self.pump.abort();
-    }
-}
-
-/// The console's signaling, in short: the device's answer and candidates go to the viewer, the
-/// viewer's candidates go to the device (`None` as the empty end-of-candidates marker), and
-/// everything else goes to the test's inbox.
-async fn pump(
-    mut ws: Ws,
-    viewer: Arc<Viewer>,
-    mut candidates: mpsc::UnboundedReceiver<Option<Candidate>>,
-    session: String,
-    inbox: mpsc::UnboundedSender<Value>,
-    mut close: oneshot::Receiver<()>,
-) {
-    let mut gathering = true;
-    loop {
-        tokio::select! {
-            m = ws.next() => {
-                let text = match m {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => panic!("pilot WebSocket failed: {e}"),
-                    None => return,
-                };
-                let v: Value = serde_json::from_str(&text).unwrap();
-                let p = &v["payload"];
-                if v["type"] != "webrtc" || p["sessionID"] != session.as_str() {
-                    let _ = inbox.send(v);
-                    continue;
-                }
-                match p["subtype"].as_str() {
-                    Some("answer") => viewer.apply_answer(p["sdp"].as_str().unwrap()).await.unwrap(),
-                    Some("ice_candidate") => {
-                        let c: Candidate = serde_json::from_value(p.clone()).unwrap();
-                        if let Err(e) = viewer.add_remote_candidate(c).await {
-                            eprintln!("viewer refused the agent's candidate {p}: {e}");
-                        }
-                    }
-                    _ => {
-                        let _ = inbox.send(v);
-                    }
-                }
-            }
-            c = candidates.recv(), if gathering => {
-                let Some(c) = c else {
-                    gathering = false;
-                    continue;
-                };
-                let mut payload = serde_json::to_value(c.unwrap_or_default()).unwrap();
-                payload["subtype"] = json!("ice_candidate");
-                payload["sessionID"] = json!(session);
-                let m = json!({"type": "webrtc", "clientID": "boat-7", "payload": payload});
-                ws.send(Message::Text(m.to_string().into())).await.unwrap();
-            }
-            _ = &mut close => {
-                let _ = ws.close(None).await;
-                // Read to the end so the close handshake completes.
-                while let Some(Ok(_)) = ws.next().await {}
-                return;
-            }
-        }
-    }
 }
 
 /// The viewer's packets as frames: checks on every packet that sequence numbers only move
@@ -597,7 +454,7 @@ async fn stream_through_the_relay(codec: Codec) {
     agent.wait_for_log("authenticated with the relay").await;
 
     let session = format!("video-{}", codec.config_name());
-    let mut pilot = Pilot::offer(addr, &key, &session, Codec::offered()).await;
+    let mut pilot = Pilot::offer_with(addr, &key, &session, Codec::offered(), None).await;
     let ack = pilot.recv_until("the offer's ack", |v| v["correlationID"] == session.as_str()).await;
     assert_eq!((&ack["type"], &ack["payload"]["status"]), (&json!("ack"), &json!("delivered")), "{ack}");
     pilot.connected().await;
@@ -682,7 +539,7 @@ async fn an_offer_to_an_agent_with_video_disabled_ends_with_bye_video_disabled()
     let mut agent = RunningAgent::spawn(&cfg, &[]);
     agent.wait_for_log("authenticated with the relay").await;
 
-    let mut pilot = Pilot::offer(addr, &key, "off-1", OfferedCodec::chrome_like_h264()).await;
+    let mut pilot = Pilot::offer_with(addr, &key, "off-1", OfferedCodec::chrome_like_h264(), None).await;
     let bye = pilot.recv_until("bye", |v| v["type"] == "webrtc" && v["payload"]["subtype"] == "bye").await;
     assert_eq!(bye["from"], "boat-7", "{bye}");
     assert_eq!(bye["payload"]["subtype"], "bye", "{bye}");

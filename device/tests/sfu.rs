@@ -13,21 +13,17 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::video::{DEADLINE, Pilot, frames_from_keyframe, is_keyframe};
 use common::*;
-use futures_util::{SinkExt, StreamExt};
-use media::rtc::Candidate;
 use media::viewer::{NewViewer, OfferedCodec, Viewer, ViewerOptions};
-use rtc::rtp;
-use rtc::shared::marshal::Marshal;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
 
-const DEADLINE: Duration = Duration::from_secs(60);
+/// Offers session `session` to boat-7 in `mode`, as Chrome offers H.264.
+async fn offer(addr: std::net::SocketAddr, key: &str, session: &str, mode: &str) -> Pilot {
+    Pilot::offer_with(addr, key, session, OfferedCodec::chrome_like_h264(), Some(mode)).await
+}
 
 /// boat-7's config: the test pattern at a small size, loopback candidates (everything runs on
 /// one machine), and a keyframe only every 60 s unless someone asks.
@@ -65,190 +61,6 @@ fn viewer_options() -> ViewerOptions {
     }
 }
 
-fn is_keyframe(p: &rtp::Packet) -> bool {
-    media::gst::h264_rtp_is_keyframe(&p.marshal().unwrap())
-}
-
-/// One pilot: a viewer and its signaling over its own operator WebSocket.
-struct Pilot {
-    session: String,
-    viewer: Arc<Viewer>,
-    packets: mpsc::Receiver<rtp::Packet>,
-    /// What the pump did not consume: `mode`, `bye`, acks, errors.
-    inbox: mpsc::UnboundedReceiver<Value>,
-    close: Option<oneshot::Sender<()>>,
-    pump: JoinHandle<()>,
-}
-
-impl Pilot {
-    /// Offers session `session` to boat-7 in `mode`.
-    async fn offer(addr: std::net::SocketAddr, key: &str, session: &str, mode: &str) -> Pilot {
-        let mut ws = operator(addr, key).await;
-        let NewViewer { viewer, offer, candidates, packets } = Viewer::offer(&viewer_options()).await.unwrap();
-        let viewer = Arc::new(viewer);
-        send(
-            &mut ws,
-            json!({"type": "webrtc", "correlationID": session, "clientID": "boat-7",
-                   "payload": {"subtype": "offer", "sessionID": session, "sdp": offer, "mode": mode}}),
-        )
-        .await;
-        let (inbox_tx, inbox) = mpsc::unbounded_channel();
-        let (close, close_rx) = oneshot::channel();
-        let pump = tokio::spawn(pump(ws, viewer.clone(), candidates, session.to_owned(), inbox_tx, close_rx));
-        Pilot { session: session.to_owned(), viewer, packets, inbox, close: Some(close), pump }
-    }
-
-    async fn recv_until(&mut self, what: &str, want: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let v = tokio::time::timeout_at(deadline, self.inbox.recv())
-                .await
-                .unwrap_or_else(|_| panic!("{}: no {what} in time", self.session))
-                .unwrap_or_else(|| panic!("{}: the signaling pump ended waiting for {what}", self.session));
-            if want(&v) {
-                return v;
-            }
-        }
-    }
-
-    /// The `mode` message the relay sends after the offer.
-    async fn mode(&mut self) -> Value {
-        let v = self.recv_until("a mode message", |v| v["payload"]["subtype"] == "mode").await;
-        v["payload"].clone()
-    }
-
-    async fn connected(&self) {
-        let r = tokio::time::timeout(DEADLINE, self.viewer.wait_connected()).await;
-        assert!(matches!(r, Ok(Ok(()))), "{}: the viewer did not connect: {r:?}", self.session);
-    }
-
-    async fn next_packet(&mut self) -> rtp::Packet {
-        tokio::time::timeout(DEADLINE, self.packets.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{}: no RTP packet in time", self.session))
-            .unwrap_or_else(|| panic!("{}: the packet stream ended", self.session))
-    }
-
-    /// Reads until `n` distinct frames (RTP timestamps), from the first keyframe on, have come.
-    async fn frames_from_keyframe(&mut self, n: usize) {
-        loop {
-            let p = self.next_packet().await;
-            if is_keyframe(&p) {
-                let mut stamps = vec![p.header.timestamp];
-                while stamps.len() < n {
-                    let p = self.next_packet().await;
-                    if stamps.last() != Some(&p.header.timestamp) {
-                        stamps.push(p.header.timestamp);
-                    }
-                }
-                return;
-            }
-        }
-    }
-
-    /// Drops what has queued up so far.
-    fn drain(&mut self) {
-        while self.packets.try_recv().is_ok() {}
-    }
-
-    async fn leave(&mut self) {
-        if let Some(close) = self.close.take() {
-            let _ = close.send(());
-        }
-        tokio::time::timeout(DEADLINE, &mut self.pump).await.expect("the pump did not end").unwrap();
-        self.viewer.close().await;
-    }
-}
-
-impl Drop for Pilot {
-    fn drop(&mut self) {
-        self.pump.abort();
-    }
-}
-
-/// The console's signaling in short: the answer and the relay's candidates go to the viewer,
-/// the viewer's candidates and its connection state go to the relay, the rest to the inbox.
-async fn pump(
-    mut ws: Ws,
-    viewer: Arc<Viewer>,
-    mut candidates: mpsc::UnboundedReceiver<Option<Candidate>>,
-    session: String,
-    inbox: mpsc::UnboundedSender<Value>,
-    mut close: oneshot::Receiver<()>,
-) {
-    let mut gathering = true;
-    let mut state = viewer.state();
-    let mut answered = false;
-    let mut early: Vec<Candidate> = Vec::new();
-    loop {
-        tokio::select! {
-            m = ws.next() => {
-                let text = match m {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => panic!("pilot WebSocket failed: {e}"),
-                    None => return,
-                };
-                let v: Value = serde_json::from_str(&text).unwrap();
-                let p = &v["payload"];
-                if v["type"] != "webrtc" || p["sessionID"] != session.as_str() {
-                    let _ = inbox.send(v);
-                    continue;
-                }
-                match p["subtype"].as_str() {
-                    Some("answer") => {
-                        assert_eq!(v["from"], "boat-7", "{v}");
-                        viewer.apply_answer(p["sdp"].as_str().unwrap()).await.unwrap();
-                        answered = true;
-                        for c in early.drain(..) {
-                            viewer.add_remote_candidate(c).await.unwrap();
-                        }
-                        let _ = inbox.send(v);
-                    }
-                    Some("ice_candidate") => {
-                        let c: Candidate = serde_json::from_value(p.clone()).unwrap();
-                        if answered {
-                            if let Err(e) = viewer.add_remote_candidate(c).await {
-                                eprintln!("viewer refused the relay's candidate {p}: {e}");
-                            }
-                        } else {
-                            early.push(c);
-                        }
-                    }
-                    _ => {
-                        let _ = inbox.send(v);
-                    }
-                }
-            }
-            c = candidates.recv(), if gathering => {
-                let Some(c) = c else {
-                    gathering = false;
-                    continue;
-                };
-                let mut payload = serde_json::to_value(c.unwrap_or_default()).unwrap();
-                payload["subtype"] = json!("ice_candidate");
-                payload["sessionID"] = json!(session);
-                let m = json!({"type": "webrtc", "clientID": "boat-7", "payload": payload});
-                ws.send(Message::Text(m.to_string().into())).await.unwrap();
-            }
-            changed = state.changed() => {
-                if changed.is_err() {
-                    continue;
-                }
-                let s = state.borrow_and_update().to_string();
-                let m = json!({"type": "webrtc", "clientID": "boat-7",
-                               "payload": {"subtype": "state", "sessionID": session, "state": s}});
-                let _ = ws.send(Message::Text(m.to_string().into())).await;
-            }
-            _ = &mut close => {
-                let _ = ws.close(None).await;
-                while let Some(Ok(_)) = ws.next().await {}
-                return;
-            }
-        }
-    }
-}
-
 /// Waits until the relay's SFU has `viewers` viewers and `publications` upstreams.
 async fn sfu_counts(running: &relay::RunningRelay, publications: usize, viewers: usize) {
     let sfu = running.relay.sfu.as_ref().expect("the relay has its SFU");
@@ -277,7 +89,7 @@ async fn one_upstream_feeds_ten_viewers_and_a_late_viewer_gets_a_keyframe_at_onc
 
     let mut pilots = Vec::new();
     for i in 0..10 {
-        let mut p = Pilot::offer(addr, &key, &format!("fan-{i}"), "sfu").await;
+        let mut p = offer(addr, &key, &format!("fan-{i}"), "sfu").await;
         let mode = p.mode().await;
         assert_eq!((&mode["mode"], &mode["reason"]), (&json!("sfu"), &json!("requested")), "{mode}");
         let answer = p.recv_until("the relay's answer", |v| v["payload"]["subtype"] == "answer").await;
@@ -327,7 +139,7 @@ async fn one_upstream_feeds_ten_viewers_and_a_late_viewer_gets_a_keyframe_at_onc
 
     // A late viewer: its first keyframe comes within 2 s of its connection, from the request
     // the relay forwards (the encoder's own would take up to 60 s).
-    let mut late = Pilot::offer(addr, &key, "fan-late", "sfu").await;
+    let mut late = offer(addr, &key, "fan-late", "sfu").await;
     late.connected().await;
     let connected_at = Instant::now();
     loop {
@@ -364,7 +176,7 @@ async fn auto_sends_pilots_beyond_the_limit_to_the_sfu() {
     agent.wait_for_log("authenticated with the relay").await;
 
     // The first pilot goes peer to peer, and stays there: the agent reports `connected`.
-    let mut first = Pilot::offer(addr, &key, "auto-1", "auto").await;
+    let mut first = offer(addr, &key, "auto-1", "auto").await;
     let mode = first.mode().await;
     assert_eq!(
         (&mode["mode"], &mode["reason"], &mode["auto"]),
@@ -374,7 +186,7 @@ async fn auto_sends_pilots_beyond_the_limit_to_the_sfu() {
     first.frames_from_keyframe(5).await;
 
     // The second is beyond the limit of one: the SFU serves it.
-    let mut second = Pilot::offer(addr, &key, "auto-2", "auto").await;
+    let mut second = offer(addr, &key, "auto-2", "auto").await;
     let mode = second.mode().await;
     assert_eq!((&mode["mode"], &mode["reason"]), (&json!("sfu"), &json!("viewers")), "{mode}");
     second.connected().await;
@@ -455,15 +267,7 @@ async fn a_whep_client_watches_through_the_sfu() {
     assert!(answer.contains("a=candidate:"), "the answer carries the relay's candidates: {answer}");
     viewer.apply_answer(&answer).await.unwrap();
     tokio::time::timeout(DEADLINE, viewer.wait_connected()).await.unwrap().unwrap();
-    let mut frames = Vec::new();
-    let mut keyframe = false;
-    while frames.len() < 10 {
-        let p = tokio::time::timeout(DEADLINE, packets.recv()).await.unwrap().unwrap();
-        keyframe |= is_keyframe(&p);
-        if keyframe && frames.last() != Some(&p.header.timestamp) {
-            frames.push(p.header.timestamp);
-        }
-    }
+    frames_from_keyframe(&mut packets, 10).await;
     sfu_counts(&running, 1, 1).await;
 
     // Trickle is not offered; then the session ends with DELETE, once.
@@ -564,17 +368,7 @@ async fn the_sfu_announces_its_public_address_on_ports_of_its_range_with_ice_tcp
     );
     viewer.apply_answer(&answer).await.unwrap();
     tokio::time::timeout(DEADLINE, viewer.wait_connected()).await.unwrap().unwrap();
-    let mut keyframe = false;
-    let mut frames = 0;
-    let mut last = None;
-    while frames < 5 {
-        let p = tokio::time::timeout(DEADLINE, packets.recv()).await.unwrap().unwrap();
-        keyframe |= is_keyframe(&p);
-        if keyframe && last != Some(p.header.timestamp) {
-            frames += 1;
-            last = Some(p.header.timestamp);
-        }
-    }
+    frames_from_keyframe(&mut packets, 5).await;
     viewer.close().await;
     drop(agent);
     running.shutdown(Duration::from_secs(5)).await;

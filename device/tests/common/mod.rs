@@ -11,6 +11,9 @@ use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
+#[cfg(feature = "video")]
+pub mod video;
+
 pub const ADMIN: &str = "tk_admin_0123456789abcdef";
 
 /// A pilot's WebSocket.
