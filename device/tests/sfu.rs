@@ -249,6 +249,19 @@ async fn a_whep_client_watches_through_the_sfu() {
 
     let mut agent = RunningAgent::spawn(&config(dir.path(), addr, &secret), &[]);
     agent.wait_for_log("authenticated with the relay").await;
+    // Not SDP a sender can answer: refused, and no upstream is opened for it.
+    let r = http
+        .post(&url)
+        .bearer_auth(&key)
+        .header("content-type", "application/sdp")
+        .body("v=0\r\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    assert_eq!(running.relay.sfu.as_ref().unwrap().stats().publications, 0);
 
     // A WHEP player does not trickle: it offers with its candidates in the SDP.
     let NewViewer { viewer, offer, mut candidates, mut packets } = Viewer::offer(&viewer_options()).await.unwrap();

@@ -950,6 +950,17 @@ async fn negotiated_codec(sender: &dyn RtpSender, codec: VideoCodec) -> Result<N
     }
 }
 
+/// Checks, without building anything, that `offer_sdp` is SDP with a video section a sender
+/// could answer (a viewer's `recvonly` or `sendrecv` video). The codec is checked when the
+/// sender is built.
+pub fn check_viewer_offer(offer_sdp: &str) -> Result<(), RtcError> {
+    let summary = OfferSummary::parse(offer_sdp)?;
+    match summary.video_codecs {
+        Some(_) => Ok(()),
+        None => Err(RtcError::NoVideo { offered: summary.sections.join(", ") }),
+    }
+}
+
 /// What we need to know about an offer before handing it to the stack.
 struct OfferSummary {
     /// `kind/direction` of every section, for errors.

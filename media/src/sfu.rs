@@ -278,6 +278,8 @@ impl Sfu {
         offer_sdp: &str,
         options: SubscribeOptions,
     ) -> Result<String, SfuError> {
+        // Refused before any upstream is opened for it.
+        crate::rtc::check_viewer_offer(offer_sdp)?;
         let existing = self.publications.lock().get(key).and_then(|p| p.subscribers.lock().get(viewer).cloned());
         if let Some(sub) = existing {
             match sub.sender.renegotiate(offer_sdp).await {
