@@ -3,8 +3,13 @@
 //!
 //! - `storm`: after a relay restart, N devices whose secrets the relay issued reconnect at
 //!   once; how long until all are authenticated, and what it cost the relay.
+//! - `sfu`: one publisher at ~2 Mbit/s and 1, 10, 50 receivers through the relay's SFU; the
+//!   relay's CPU per forwarded packet, its memory, loss, latency and jitter at the receivers, and
+//!   the time from a receiver's offer to its first frame (`bench_sfu.rs`).
 //!
 //! Run it against a release build: `cargo run --release -p tether-examples --bin tether-bench -- storm`.
+
+mod bench_sfu;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -41,6 +46,9 @@ enum Cmd {
         #[arg(long, default_value = "target/bench-storm")]
         data_dir: PathBuf,
     },
+    /// One publisher, N receivers through the relay's SFU: relay CPU per forwarded packet,
+    /// memory, loss, latency, jitter and time to first frame.
+    Sfu(bench_sfu::SfuArgs),
 }
 
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
@@ -227,10 +235,13 @@ async fn storm(devices: usize, relay_bin: PathBuf, dir: PathBuf) -> anyhow::Resu
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.cmd {
-        Cmd::Storm { devices, relay_bin, data_dir } => storm(devices, relay_bin, data_dir).await,
+        Cmd::Storm { devices, relay_bin, data_dir } => {
+            tokio::runtime::Runtime::new()?.block_on(storm(devices, relay_bin, data_dir))
+        }
+        // Builds its own runtime, after pinning the process to its core.
+        Cmd::Sfu(args) => bench_sfu::main(args),
     }
 }
