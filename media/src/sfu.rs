@@ -8,10 +8,10 @@
 //! on the [`SfuOut`] channel given at construction, for the owner to route.
 //!
 //! Per publication:
-//! - **Forwarding**: read -> write. Each packet the upstream receives is written to every
-//!   viewer's sender, which stamps its own SSRC and negotiated payload type. A viewer that is not
-//!   connected yet is skipped (its sender drops the packet); a slow or failed one does not hold
-//!   the others up beyond its own write.
+//! - **Forwarding**: read -> write. Each packet the upstream receives goes into every viewer's
+//!   queue; each viewer's writer task writes it to that viewer's sender, which stamps its own
+//!   SSRC and negotiated payload type. A viewer that is not connected yet drops it; one that
+//!   falls [`VIEWER_QUEUE`] packets behind loses packets, not the others' time.
 //! - **NACK**: every viewer's sender keeps the packets it sent (the webrtc crate's NACK responder
 //!   interceptor) and answers that viewer's NACKs itself; the upstream peer NACKs the device for
 //!   what the relay missed.
@@ -159,6 +159,8 @@ pub struct SfuStats {
     pub packets_in: u64,
     /// RTP packets handed to viewers' senders.
     pub packets_out: u64,
+    /// Packets a viewer lost because its queue was full (it fell behind).
+    pub packets_dropped: u64,
     /// Keyframe requests sent to devices.
     pub keyframe_requests: u64,
 }
@@ -183,6 +185,7 @@ pub struct Sfu {
     pending: Mutex<HashMap<String, Vec<Candidate>>>,
     packets_in: AtomicU64,
     packets_out: AtomicU64,
+    packets_dropped: AtomicU64,
     keyframe_requests: AtomicU64,
 }
 
@@ -221,10 +224,27 @@ struct Publication {
 
 struct Subscriber {
     sender: Arc<VideoSender>,
+    /// Packets waiting for this viewer's writer task.
+    queue: mpsc::Sender<rtp::Packet>,
     /// Latest bandwidth estimate of this viewer, bits/s; 0 = none.
     estimate: AtomicU64,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// The event task and the writer task; aborted when the viewer goes.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
+
+impl Subscriber {
+    async fn close(&self) {
+        self.sender.close().await;
+        for task in self.tasks.lock().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// Packets queued per viewer (about two seconds of a 2 Mbit/s stream). A viewer whose sender
+/// falls further behind loses packets (counted in [`SfuStats::packets_dropped`]) instead of
+/// delaying anyone else; its NACKs and keyframe requests then repair its picture.
+pub const VIEWER_QUEUE: usize = 512;
 
 impl Sfu {
     /// A new SFU; what it has to say goes to `out`.
@@ -237,6 +257,7 @@ impl Sfu {
             pending: Mutex::new(HashMap::new()),
             packets_in: AtomicU64::new(0),
             packets_out: AtomicU64::new(0),
+            packets_dropped: AtomicU64::new(0),
             keyframe_requests: AtomicU64::new(0),
         })
     }
@@ -253,6 +274,7 @@ impl Sfu {
             viewers: self.viewers.lock().len(),
             packets_in: self.packets_in.load(Ordering::Relaxed),
             packets_out: self.packets_out.load(Ordering::Relaxed),
+            packets_dropped: self.packets_dropped.load(Ordering::Relaxed),
             keyframe_requests: self.keyframe_requests.load(Ordering::Relaxed),
         }
     }
@@ -324,7 +346,13 @@ impl Sfu {
         let (etx, erx) = mpsc::channel(256);
         let (sender, mut answer) = VideoSender::answer(&settings, offer_sdp, etx).await?;
         let sender = Arc::new(sender);
-        let sub = Arc::new(Subscriber { sender: sender.clone(), estimate: AtomicU64::new(0), task: Mutex::new(None) });
+        let (queue, queued) = mpsc::channel(VIEWER_QUEUE);
+        let sub = Arc::new(Subscriber {
+            sender: sender.clone(),
+            queue,
+            estimate: AtomicU64::new(0),
+            tasks: Mutex::new(vec![tokio::spawn(write_to_viewer(self.clone(), sender.clone(), queued))]),
+        });
         let (gathered_tx, gathered_rx) = oneshot::channel();
         let (release_tx, release_rx) = oneshot::channel();
         let task = tokio::spawn(viewer_events(
@@ -335,7 +363,7 @@ impl Sfu {
             options.gather.then_some(gathered_tx),
             release_rx,
         ));
-        *sub.task.lock() = Some(task);
+        sub.tasks.lock().push(task);
         if publication.closed.load(Ordering::Acquire) {
             sender.close().await;
             return Err(SfuError::Upstream("the device's stream ended".to_owned()));
@@ -500,10 +528,7 @@ impl Sfu {
             sub
         };
         if let Some(sub) = sub {
-            sub.sender.close().await;
-            if let Some(task) = sub.task.lock().take() {
-                task.abort();
-            }
+            sub.close().await;
             tracing::info!(%viewer, device = %key.device, "SFU viewer left");
         }
     }
@@ -604,10 +629,7 @@ impl Sfu {
                     message: viewer_message.to_owned(),
                 });
             }
-            sub.sender.close().await;
-            if let Some(task) = sub.task.lock().take() {
-                task.abort();
-            }
+            sub.close().await;
         }
         p.upstream.close().await;
         for task in p.tasks.lock().drain(..) {
@@ -698,20 +720,36 @@ async fn upstream_candidates(
 }
 
 /// Read -> write: every packet from the device to every viewer.
+/// Read -> write: every packet from the device into every viewer's queue. Each viewer's own
+/// writer task takes it from there, so viewers are written to in parallel and a slow one
+/// delays no one.
 async fn forward(sfu: Arc<Sfu>, p: Arc<Publication>, mut packets: mpsc::Receiver<rtp::Packet>) {
-    let mut subs: Vec<Arc<VideoSender>> = Vec::new();
+    let mut queues: Vec<mpsc::Sender<rtp::Packet>> = Vec::new();
     while let Some(packet) = packets.recv().await {
         sfu.packets_in.fetch_add(1, Ordering::Relaxed);
-        subs.clear();
-        subs.extend(p.subscribers.lock().values().map(|s| s.sender.clone()));
-        for sender in &subs {
-            // A viewer that is not connected yet, or closed meanwhile, refuses: nothing to do.
-            if sender.write_packet(packet.clone()).await.is_ok() {
-                sfu.packets_out.fetch_add(1, Ordering::Relaxed);
+        queues.clear();
+        queues.extend(p.subscribers.lock().values().map(|s| s.queue.clone()));
+        for queue in &queues {
+            if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(packet.clone()) {
+                sfu.packets_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
     tracing::debug!(device = %p.key.device, "SFU: upstream packet stream ended");
+}
+
+/// One viewer's writer: its queued packets into its sender.
+async fn write_to_viewer(sfu: Arc<Sfu>, sender: Arc<VideoSender>, mut queued: mpsc::Receiver<rtp::Packet>) {
+    while let Some(packet) = queued.recv().await {
+        // A viewer that is not connected yet drops the packet (Ok); a closed one ends here.
+        match sender.write_packet(packet).await {
+            Ok(()) => {
+                sfu.packets_out.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(RtcError::Closed) => return,
+            Err(e) => tracing::debug!("SFU: write to a viewer failed: {e}"),
+        }
+    }
 }
 
 /// Keyframe pacing, bitrate feedback, the upstream's health and the linger after the last

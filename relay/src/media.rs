@@ -291,9 +291,11 @@ pub fn sfu_metrics(s: &::media::sfu::SfuStats) -> String {
          tether_sfu_packets_in_total {}\n\
          # HELP tether_sfu_packets_out_total RTP packets forwarded to viewers.\n# TYPE tether_sfu_packets_out_total counter\n\
          tether_sfu_packets_out_total {}\n\
+         # HELP tether_sfu_packets_dropped_total Packets a viewer lost because it fell behind.\n# TYPE tether_sfu_packets_dropped_total counter\n\
+         tether_sfu_packets_dropped_total {}\n\
          # HELP tether_sfu_keyframe_requests_total Keyframe requests sent to devices.\n# TYPE tether_sfu_keyframe_requests_total counter\n\
          tether_sfu_keyframe_requests_total {}\n",
-        s.publications, s.viewers, s.packets_in, s.packets_out, s.keyframe_requests
+        s.publications, s.viewers, s.packets_in, s.packets_out, s.packets_dropped, s.keyframe_requests
     )
 }
 
