@@ -21,6 +21,11 @@ fn offer(session: &str, mode: Option<&str>) -> Value {
     json!({"type":"webrtc","correlationID":session,"clientID":"boat-1","payload":payload})
 }
 
+/// The smallest offer an SFU sender accepts: one receive-only H.264 video section.
+const VIEWER_OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n\
+    m=video 9 UDP/TLS/RTP/SAVPF 102\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\n\
+    a=rtpmap:102 H264/90000\r\na=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n";
+
 fn state(session: &str, s: &str) -> Value {
     json!({"type":"webrtc","clientID":"boat-1","payload":{"subtype":"state","sessionID":session,"state":s}})
 }
@@ -97,8 +102,11 @@ async fn auto_moves_to_the_sfu_when_peer_to_peer_does_not_connect_in_time() {
     assert!(p.try_recv(Duration::from_millis(300)).await.is_none(), "the late answer was not forwarded");
 
     // The pilot's new offer on the same session goes to the SFU, which asks the device to
-    // publish: an offer from `relay` on an upstream session of its own.
-    p.send(offer("a1", Some("sfu"))).await;
+    // publish: an offer from `relay` on an upstream session of its own. (The SFU reads the
+    // offer, so this one is real SDP: a receive-only H.264 section.)
+    let mut again = offer("a1", Some("sfu"));
+    again["payload"]["sdp"] = json!(VIEWER_OFFER);
+    p.send(again).await;
     let ack = p.recv_type("ack").await;
     assert_eq!(ack["correlationID"], "a1");
     let up = dev.recv_type("webrtc").await;
@@ -145,5 +153,13 @@ async fn a_failed_report_moves_at_once_and_a_connected_one_keeps_peer_to_peer() 
     assert_eq!(bye["payload"]["reason"], "moved_to_sfu", "{bye}");
     let mode = p.recv_type("webrtc").await["payload"].clone();
     assert_eq!((&mode["mode"], &mode["reason"]), (&json!("sfu"), &json!("p2p_failed")), "{mode}");
+    // An offer the SFU cannot read ends the session with the reason, and asks nothing of the
+    // device.
+    p.send(offer("c1", Some("sfu"))).await;
+    let bye = p.recv_signal().await;
+    assert_eq!((&bye["payload"]["subtype"], &bye["payload"]["reason"]), (&json!("bye"), &json!("sfu_failed")), "{bye}");
+    assert!(bye["payload"]["message"].as_str().unwrap().contains("SDP"), "{bye}");
+    let heard = dev.try_recv(Duration::from_millis(300)).await;
+    assert!(heard.is_none(), "the device heard {heard:?}");
     r.stop().await;
 }
