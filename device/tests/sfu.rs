@@ -61,6 +61,27 @@ fn viewer_options() -> ViewerOptions {
     }
 }
 
+/// A WHEP player's viewer and its offer: it does not trickle, so the offer waits for its
+/// candidates and carries them.
+async fn whep_offer(options: &ViewerOptions) -> (Viewer, String, tokio::sync::mpsc::Receiver<rtc::rtp::Packet>) {
+    let NewViewer { viewer, offer, mut candidates, packets } = Viewer::offer(options).await.unwrap();
+    let mut gathered = Vec::new();
+    while let Some(Some(c)) = tokio::time::timeout(DEADLINE, candidates.recv()).await.unwrap() {
+        gathered.push(c);
+    }
+    (viewer, media::sfu::with_candidates(&offer, &gathered), packets)
+}
+
+/// POSTs an SDP offer to a WHEP endpoint, as a WHEP player does.
+async fn whep_post(
+    http: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    key: &str,
+    sdp: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    http.post(url).bearer_auth(key).header("content-type", "application/sdp").body(sdp).send().await.unwrap()
+}
+
 /// Waits until the relay's SFU has `viewers` viewers and `publications` upstreams.
 async fn sfu_counts(running: &relay::RunningRelay, publications: usize, viewers: usize) {
     let sfu = running.relay.sfu.as_ref().expect("the relay has its SFU");
@@ -226,23 +247,9 @@ async fn a_whep_client_watches_through_the_sfu() {
     let r =
         http.post(&url).bearer_auth(&key).header("content-type", "text/plain").body("v=0\r\n").send().await.unwrap();
     assert_eq!(r.status(), 415);
-    let r = http
-        .post(format!("http://{addr}/whep/no-such-boat"))
-        .bearer_auth(&key)
-        .header("content-type", "application/sdp")
-        .body("v=0\r\n")
-        .send()
-        .await
-        .unwrap();
+    let r = whep_post(&http, format!("http://{addr}/whep/no-such-boat"), &key, "v=0\r\n").await;
     assert_eq!(r.status(), 404);
-    let r = http
-        .post(&url)
-        .bearer_auth(&key)
-        .header("content-type", "application/sdp")
-        .body("v=0\r\n")
-        .send()
-        .await
-        .unwrap();
+    let r = whep_post(&http, &url, &key, "v=0\r\n").await;
     assert_eq!(r.status(), 503);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "target_offline", "{body}");
@@ -250,28 +257,15 @@ async fn a_whep_client_watches_through_the_sfu() {
     let mut agent = RunningAgent::spawn(&config(dir.path(), addr, &secret), &[]);
     agent.wait_for_log("authenticated with the relay").await;
     // Not SDP a sender can answer: refused, and no upstream is opened for it.
-    let r = http
-        .post(&url)
-        .bearer_auth(&key)
-        .header("content-type", "application/sdp")
-        .body("v=0\r\n")
-        .send()
-        .await
-        .unwrap();
+    let r = whep_post(&http, &url, &key, "v=0\r\n").await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "bad_request", "{body}");
     assert_eq!(running.relay.sfu.as_ref().unwrap().stats().publications, 0);
 
     // A WHEP player does not trickle: it offers with its candidates in the SDP.
-    let NewViewer { viewer, offer, mut candidates, mut packets } = Viewer::offer(&viewer_options()).await.unwrap();
-    let mut gathered = Vec::new();
-    while let Some(Some(c)) = tokio::time::timeout(DEADLINE, candidates.recv()).await.unwrap() {
-        gathered.push(c);
-    }
-    let offer = media::sfu::with_candidates(&offer, &gathered);
-    let r =
-        http.post(&url).bearer_auth(&key).header("content-type", "application/sdp").body(offer).send().await.unwrap();
+    let (viewer, offer, mut packets) = whep_offer(&viewer_options()).await;
+    let r = whep_post(&http, &url, &key, offer).await;
     assert_eq!(r.status(), 201, "{:?}", r.text().await);
     assert_eq!(r.headers()["content-type"], "application/sdp");
     let location = r.headers()["location"].to_str().unwrap().to_owned();
@@ -345,20 +339,8 @@ async fn the_sfu_announces_its_public_address_on_ports_of_its_range_with_ice_tcp
     agent.wait_for_log("authenticated with the relay").await;
 
     let options = ViewerOptions { codecs: OfferedCodec::chrome_like_h264(), ..ViewerOptions::default() };
-    let NewViewer { viewer, offer, mut candidates, mut packets } = Viewer::offer(&options).await.unwrap();
-    let mut gathered = Vec::new();
-    while let Some(Some(c)) = tokio::time::timeout(DEADLINE, candidates.recv()).await.unwrap() {
-        gathered.push(c);
-    }
-    let offer = media::sfu::with_candidates(&offer, &gathered);
-    let r = reqwest::Client::new()
-        .post(format!("http://{addr}/whep/boat-7"))
-        .bearer_auth(&key)
-        .header("content-type", "application/sdp")
-        .body(offer)
-        .send()
-        .await
-        .unwrap();
+    let (viewer, offer, mut packets) = whep_offer(&options).await;
+    let r = whep_post(&reqwest::Client::new(), format!("http://{addr}/whep/boat-7"), &key, offer).await;
     assert_eq!(r.status(), 201);
     let answer = r.text().await.unwrap();
     // a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ <type> ...
