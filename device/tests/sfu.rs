@@ -197,6 +197,7 @@ async fn auto_sends_pilots_beyond_the_limit_to_the_sfu() {
     agent.wait_for_log("authenticated with the relay").await;
 
     // The first pilot goes peer to peer, and stays there: the agent reports `connected`.
+    let offered = Instant::now();
     let mut first = offer(addr, &key, "auto-1", "auto").await;
     let mode = first.mode().await;
     assert_eq!(
@@ -214,14 +215,19 @@ async fn auto_sends_pilots_beyond_the_limit_to_the_sfu() {
     second.frames_from_keyframe(5).await;
     sfu_counts(&running, 1, 1).await;
 
-    // The first has not been moved meanwhile (its deadline, 5 s, has passed by now or will).
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The first keeps its direct path past its deadline: its packets keep coming through the
+    // deadline and a second beyond it, and neither it nor the relay moved the session.
+    let past_deadline = offered + running.relay.config.media.p2p_deadline() + Duration::from_secs(1);
+    while Instant::now() < past_deadline {
+        first.next_packet().await;
+    }
     while let Ok(v) = first.inbox.try_recv() {
         assert_ne!(v["payload"]["subtype"], "mode", "the connected p2p session was moved: {v}");
         assert_ne!(v["payload"]["subtype"], "bye", "the connected p2p session ended: {v}");
     }
-    first.drain();
-    first.frames_from_keyframe(2).await;
+    let session = running.relay.media.get("auto-1").expect("the first session is open");
+    assert_eq!(session.mode, relay::media::Mode::P2p, "{session:?}");
+    assert!(session.connected, "the agent's `connected` report was recorded: {session:?}");
 
     first.leave().await;
     second.leave().await;
@@ -289,7 +295,18 @@ async fn a_whep_client_watches_through_the_sfu() {
     let r = http.delete(&session_url).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 404);
     viewer.close().await;
-    drop(agent);
+
+    // A WHEP session ends with its device: once the device is gone, nothing is left to DELETE.
+    let (second, offer, _packets) = whep_offer(&viewer_options()).await;
+    let r = whep_post(&http, &url, &key, offer).await;
+    assert_eq!(r.status(), 201);
+    let second_url = format!("http://{addr}{}", r.headers()["location"].to_str().unwrap());
+    sfu_counts(&running, 1, 1).await;
+    agent.child.kill().await.unwrap();
+    sfu_counts(&running, 0, 0).await;
+    let r = http.delete(&second_url).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    second.close().await;
     running.shutdown(Duration::from_secs(5)).await;
 }
 

@@ -262,11 +262,6 @@ impl Sfu {
         })
     }
 
-    /// The settings it was built with.
-    pub fn settings(&self) -> &SfuSettings {
-        &self.settings
-    }
-
     /// Counters.
     pub fn stats(&self) -> SfuStats {
         SfuStats {
@@ -277,16 +272,6 @@ impl Sfu {
             packets_dropped: self.packets_dropped.load(Ordering::Relaxed),
             keyframe_requests: self.keyframe_requests.load(Ordering::Relaxed),
         }
-    }
-
-    /// Whether `viewer` is a session this SFU serves.
-    pub fn has_viewer(&self, viewer: &str) -> bool {
-        self.viewers.lock().contains_key(viewer)
-    }
-
-    /// How many viewers watch `key` through the SFU.
-    pub fn viewers_of(&self, key: &DeviceKey) -> usize {
-        self.publications.lock().get(key).map_or(0, |p| p.subscribers.lock().len())
     }
 
     /// A viewer's offer for `key`'s video: opens the device's upstream if there is none (and
@@ -477,16 +462,16 @@ impl Sfu {
                 self.settings.upstream_timeout.as_secs()
             )),
         };
-        match outcome {
-            Upstream::Ready(codec) => Ok(codec),
-            Upstream::Failed(why) => {
-                if publication.subscribers.lock().is_empty() {
-                    self.close_publication(publication, Some("sfu_failed"), "").await;
-                }
-                Err(SfuError::Upstream(why))
-            }
-            Upstream::Waiting => unreachable!("waited for a state other than Waiting"),
+        let why = match outcome {
+            Upstream::Ready(codec) => return Ok(codec),
+            Upstream::Failed(why) => why,
+            // `wait_for` returns only a state other than Waiting.
+            Upstream::Waiting => "the device's stream never started".to_owned(),
+        };
+        if publication.subscribers.lock().is_empty() {
+            self.close_publication(publication, Some("sfu_failed"), "").await;
         }
+        Err(SfuError::Upstream(why))
     }
 
     /// A candidate the viewer trickled (an empty one, end of candidates, is ignored). Candidates

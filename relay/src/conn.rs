@@ -517,6 +517,8 @@ impl Session {
                     relay.hub.send_to_conn(s.conn, Utf8Bytes::from(text));
                 }
                 if let Some(sfu) = relay.sfu.clone() {
+                    // Its WHEP viewers end with it (a later DELETE finds nothing: 404).
+                    relay.whep.lock().retain(|_, s| !(s.org == me.org && s.device == me.id));
                     let key = ::media::sfu::DeviceKey::new(&me.org, &me.id);
                     tokio::spawn(async move { sfu.device_gone(&key).await });
                 }
