@@ -85,7 +85,12 @@ export function getMe(key) {
   return request('/api/me', { key });
 }
 
-/** `GET /api/devices`, normalised to an array of `{id, name, online, lastSeen}`. */
+const num = (v) => (typeof v === 'number' && Number.isFinite(v) ? v : null);
+
+/**
+ * `GET /api/devices`, normalised to an array of `{id, name, online, lastSeen, access, lease,
+ * battery, link, alerts}` (older relays lack the last three: null, null, []).
+ */
 export async function listDevices(key) {
   const json = await request('/api/devices', { key });
   const list = Array.isArray(json.devices) ? json.devices : [];
@@ -95,8 +100,77 @@ export async function listDevices(key) {
       id: d.id,
       name: typeof d.name === 'string' && d.name ? d.name : d.id,
       online: d.online === true,
-      lastSeen: typeof d.lastSeen === 'number' && Number.isFinite(d.lastSeen) ? d.lastSeen : null,
+      lastSeen: num(d.lastSeen),
+      access: ['view', 'control', 'admin'].includes(d.access) ? d.access : 'view',
+      lease: d.lease && typeof d.lease === 'object' && typeof d.lease.holder === 'string'
+        ? { holder: d.lease.holder, holderName: typeof d.lease.holderName === 'string' ? d.lease.holderName : d.lease.holder }
+        : null,
+      group: typeof d.group === 'string' ? d.group : null,
+      battery: num(d.battery),
+      link: d.link && typeof d.link === 'object'
+        ? {
+            rttMs: num(d.link.rttMs),
+            lastMessageMs: num(d.link.lastMessageMs),
+            quality: ['good', 'fair', 'poor'].includes(d.link.quality) ? d.link.quality : null,
+          }
+        : null,
+      alerts: Array.isArray(d.alerts)
+        ? d.alerts
+            .filter((a) => a && typeof a === 'object' && typeof a.code === 'string')
+            .map((a) => ({ code: a.code, message: typeof a.message === 'string' ? a.message : a.code, since: num(a.since) }))
+        : [],
     }));
+}
+
+/**
+ * `POST /api/auth/login` with a username and password. The relay sets the `tether_session`
+ * cookie (HttpOnly): later calls without a key use it. Returns `{id, username, role, org, expiresIn}`.
+ */
+export function login(username, password) {
+  return request('/api/auth/login', { method: 'POST', body: { username, password } });
+}
+
+/** `POST /api/auth/logout`: ends the cookie session (a key is not revoked). */
+export function logout(key) {
+  return request('/api/auth/logout', { key, method: 'POST', body: {} });
+}
+
+/** `GET /api/console`: the relay's settings for the console (defaults when it has none). */
+export async function getConsoleConfig(key) {
+  const defaults = { mapTiles: null, mapAttribution: null, staleVideoMs: 2000, sessionTtlSecs: 43200 };
+  let json;
+  try {
+    json = await request('/api/console', { key });
+  } catch (e) {
+    if (e.status === 404) return defaults; // an older relay
+    throw e;
+  }
+  return {
+    mapTiles: typeof json.mapTiles === 'string' && json.mapTiles ? json.mapTiles : null,
+    mapAttribution: typeof json.mapAttribution === 'string' && json.mapAttribution ? json.mapAttribution : null,
+    staleVideoMs: num(json.staleVideoMs) ?? defaults.staleVideoMs,
+    sessionTtlSecs: num(json.sessionTtlSecs) ?? defaults.sessionTtlSecs,
+  };
+}
+
+/** `GET /api/registrations?status=pending` (admins). */
+export async function pendingRegistrations(key) {
+  const json = await request('/api/registrations?status=pending', { key });
+  return (Array.isArray(json.registrations) ? json.registrations : []).filter(
+    (r) => r && typeof r === 'object' && typeof r.requestID === 'string' && r.status === 'pending',
+  );
+}
+
+/** Approves a registration request; `deviceID` and `name` may be empty for the defaults. */
+export function approveRegistration(key, requestID, { deviceID, name } = {}) {
+  const body = {};
+  if (deviceID) body.deviceID = deviceID;
+  if (name) body.name = name;
+  return request(`/api/registrations/${encodeURIComponent(requestID)}/approve`, { key, method: 'POST', body });
+}
+
+export function rejectRegistration(key, requestID) {
+  return request(`/api/registrations/${encodeURIComponent(requestID)}/reject`, { key, method: 'POST', body: {} });
 }
 
 /** `POST /api/auth/ws-ticket`: a one-time ticket for opening `/ws/admin`. */

@@ -144,7 +144,8 @@ export class LiveClient extends EventTarget {
   _sendSubscribe(deviceID) {
     const correlationID = `sub-${++this._subCounter}`;
     this._pendingSubs.set(correlationID, deviceID);
-    this.send({ type: 'subscribe', correlationID, payload: { deviceID } });
+    // `logs`: the device's process output for the log console (protocol 4.30).
+    this.send({ type: 'subscribe', correlationID, payload: { deviceID, logs: true } });
     return correlationID;
   }
 

@@ -899,9 +899,15 @@ export class VideoPanel {
    * @param {VideoLink} link
    * @param {object} fmt  formatters: {formatBitrate, formatMs, formatRate, formatPercent}
    */
-  constructor(link, fmt) {
+  constructor(link, fmt, { staleMs = 2000, onStale = () => {} } = {}) {
     this.link = link;
     this.fmt = fmt;
+    // Frozen-video detection (the STALE banner): the time of the last new frame on screen.
+    this.staleMs = staleMs;
+    this.onStale = onStale;
+    this.stale = false;
+    this._lastFrameAt = null; // performance.now() of the newest frame since video was wanted
+    this._seenFrames = -1; // getVideoPlaybackQuality().totalVideoFrames at the last check
     const $ = (id) => document.getElementById(id);
     this.el = {
       panel: $('video-panel'),
@@ -924,6 +930,9 @@ export class VideoPanel {
       res: $('vs-res'),
       codec: $('vs-codec'),
       first: $('vs-first'),
+      age: $('vs-age'),
+      staleBox: $('video-stale'),
+      staleText: $('video-stale-text'),
     };
     this.el.toggle.addEventListener('click', () => (this.link.wanted || this.link.s ? this.link.stop('stopped') : this.link.start()));
     // The chosen mode survives reloads; changing it while video is on starts it again in it.
@@ -943,8 +952,63 @@ export class VideoPanel {
     link.addEventListener('stats', () => this.renderStats());
     link.addEventListener('stream', (e) => this._play(e.detail.stream));
     this.el.video.addEventListener('resize', () => this.renderStats());
+    this._watchFrames();
     this.render();
     this.renderStats();
+  }
+
+  /** The STALE threshold in ms (the relay's default, or the pilot's choice). */
+  setStaleMs(ms) {
+    if (Number.isFinite(ms) && ms >= 100) this.staleMs = ms;
+    this._checkStale();
+  }
+
+  /**
+   * Notes every new frame: requestVideoFrameCallback where the browser has it, and the decoded
+   * frame counter checked five times a second as well (it also works while rVFC is throttled).
+   */
+  _watchFrames() {
+    const v = this.el.video;
+    this.el.panel.dataset.stale = 'false';
+    const onFrame = () => {
+      this._lastFrameAt = performance.now();
+      v.requestVideoFrameCallback(onFrame);
+    };
+    if (typeof v.requestVideoFrameCallback === 'function') v.requestVideoFrameCallback(onFrame);
+    setInterval(() => {
+      const q = typeof v.getVideoPlaybackQuality === 'function' ? v.getVideoPlaybackQuality() : null;
+      const n = q ? q.totalVideoFrames : -1;
+      if (n > 0 && n !== this._seenFrames) {
+        if (this._seenFrames !== -1 || this._lastFrameAt === null) this._lastFrameAt = performance.now();
+        this._seenFrames = n;
+      }
+      this._checkStale();
+    }, 200);
+  }
+
+  /**
+   * Stale: video is wanted, a frame was shown since, and none newer for staleMs. Video that is
+   * off is not stale (there is no picture to trust); before its first frame it is "starting".
+   */
+  _checkStale(now = performance.now()) {
+    const wanted = this.link.wanted || !!this.link.s;
+    if (!wanted) {
+      this._lastFrameAt = null;
+      this._seenFrames = -1;
+    }
+    const age = this._lastFrameAt === null ? null : now - this._lastFrameAt;
+    const stale = wanted && age !== null && age > this.staleMs;
+    const e = this.el;
+    setText(e.age, age === null ? '—' : this.fmt.formatMs(age));
+    e.age.dataset.level = age === null ? '' : stale ? 'bad' : age > this.staleMs / 2 ? 'warn' : 'ok';
+    e.panel.dataset.frameAgeMs = age === null ? '' : String(Math.round(age));
+    if (stale) setText(e.staleText, `no new frame for ${(age / 1000).toFixed(1)} s — the picture is frozen; teleop is disabled`);
+    if (stale !== this.stale) {
+      this.stale = stale;
+      e.panel.dataset.stale = String(stale);
+      e.staleBox.hidden = !stale;
+      this.onStale(stale, age);
+    }
   }
 
   _play(stream) {

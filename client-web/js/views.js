@@ -2,7 +2,7 @@
 // start); these functions only fill it in. Text always goes through textContent, never
 // innerHTML: device names and relay messages are data, not markup.
 
-import { DASH, agoShort, clockTime, formatMs, formatOffset, formatRate, formatValue, fullDate, relativeTime, formatNumber } from './format.js';
+import { DASH, agoShort, clockTime, formatMs, formatOffset, formatRate, formatValue, formatNumber } from './format.js';
 
 export const $ = (id) => document.getElementById(id);
 
@@ -26,23 +26,29 @@ function setText(el, text) {
   if (el.textContent !== t) el.textContent = t;
 }
 
-const SCREENS = ['boot', 'login', 'fleet', 'device'];
+const SCREENS = ['boot', 'login', 'fleet', 'device', 'admin'];
 
 export function showScreen(name) {
   for (const s of SCREENS) $(`${s}-screen`).hidden = s !== name;
-  const loggedIn = name === 'fleet' || name === 'device';
+  const loggedIn = name === 'fleet' || name === 'device' || name === 'admin';
   $('conn-bar').hidden = !loggedIn;
   $('logout').hidden = !loggedIn;
   $('user').hidden = !loggedIn;
-  if (!loggedIn) $('dropped-warning').hidden = true;
+  $('topnav').hidden = !loggedIn;
+  $('nav-fleet').classList.toggle('active', name === 'fleet' || name === 'device');
+  $('nav-admin').classList.toggle('active', name === 'admin');
+  if (!loggedIn) {
+    $('dropped-warning').hidden = true;
+    $('session-expiry').hidden = true;
+  }
 }
 
 // ---- login ----------------------------------------------------------------------------------
 
 export function setLoginBusy(busy) {
-  $('login-button').disabled = busy;
-  $('login-key').disabled = busy;
+  for (const id of ['login-button', 'login-key', 'login-password-button', 'login-username', 'login-password']) $(id).disabled = busy;
   setText($('login-button'), busy ? 'Checking…' : 'Log in');
+  setText($('login-password-button'), busy ? 'Checking…' : 'Log in');
 }
 
 export function showLoginError(message) {
@@ -156,73 +162,8 @@ export function toast(kind, title, message = '') {
   el.dataset.timer = String(setTimeout(() => el.remove(), TOAST_MS));
 }
 
-// ---- fleet ------------------------------------------------------------------------------------
-
-/** The device list, updated in place so rows keep focus and hover across refreshes. */
-export class FleetView {
-  constructor(onOpen) {
-    this.list = $('device-list');
-    this.rows = new Map(); // device id -> {li, button, badge, name, id, seen}
-    this.list.addEventListener('click', (e) => {
-      const row = e.target instanceof Element ? e.target.closest('[data-device-id]') : null;
-      if (row) onOpen(row.dataset.deviceId);
-    });
-  }
-
-  _row(id) {
-    let r = this.rows.get(id);
-    if (r) return r;
-    const badge = h('span', { class: 'badge' });
-    const name = h('span', { class: 'device-name' });
-    const code = h('code', { class: 'device-id', text: id });
-    const seen = h('span', { class: 'device-seen' });
-    const button = h('button', { type: 'button', class: 'device-row', 'data-testid': 'device-row', dataset: { deviceId: id } },
-      badge, name, code, seen, h('span', { class: 'chevron', 'aria-hidden': 'true', text: '›' }));
-    const li = h('li', {}, button);
-    r = { li, button, badge, name, seen };
-    this.rows.set(id, r);
-    return r;
-  }
-
-  render(devices, now = Date.now()) {
-    const sorted = [...devices].sort(
-      (a, b) => Number(b.online) - Number(a.online) || a.name.localeCompare(b.name) || a.id.localeCompare(b.id),
-    );
-    const keep = new Set(sorted.map((d) => d.id));
-    for (const [id, r] of this.rows) {
-      if (!keep.has(id)) {
-        r.li.remove();
-        this.rows.delete(id);
-      }
-    }
-    sorted.forEach((d, i) => {
-      const r = this._row(d.id);
-      setText(r.name, d.name);
-      setText(r.badge, d.online ? 'online' : 'offline');
-      r.badge.className = `badge ${d.online ? 'badge-online' : 'badge-offline'}`;
-      r.button.dataset.online = String(d.online);
-      setText(r.seen, d.online ? 'connected now' : d.lastSeen == null ? 'never seen' : `last seen ${relativeTime(d.lastSeen, now)}`);
-      r.seen.title = fullDate(d.lastSeen);
-      // Only move nodes that are out of place: moving a focused element would blur it.
-      if (this.list.children[i] !== r.li) this.list.insertBefore(r.li, this.list.children[i] ?? null);
-    });
-    $('fleet-empty').hidden = devices.length !== 0;
-  }
-
-  setError(message) {
-    const el = $('fleet-error');
-    el.hidden = !message;
-    setText(el, message || '');
-  }
-
-  setMeta(text) {
-    setText($('fleet-meta'), text);
-  }
-}
-
 // ---- device view ------------------------------------------------------------------------------
 
-const LOG_MAX = 200;
 /** A value not refreshed for this long is dimmed as stale. */
 const STALE_MS = 5000;
 
@@ -238,7 +179,6 @@ export class DeviceView {
     this.streamRows.clear();
     $('telemetry-body').replaceChildren();
     $('stream-body').replaceChildren();
-    $('frame-log').replaceChildren();
     $('telemetry-empty').hidden = false;
     setText($('device-id'), deviceID);
     setText($('device-name'), deviceID);
@@ -350,24 +290,6 @@ export class DeviceView {
       setText(c.lost, s.lostTotal ?? DASH);
       setText(c.rate, formatRate(tel.rate(now, name)));
     }
-  }
-
-  /**
-   * Appends one line to the log. kind: a verdict (gap, duplicate, ...) or system | error |
-   * warn. `replay` dims the line and labels it.
-   */
-  log({ kind, tag, text, replay = false, at = Date.now() }) {
-    const list = $('frame-log');
-    // Follow new lines only if the reader has not scrolled up to read older ones.
-    const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 24;
-    const li = h('li', { class: `log-row log-${kind}${replay ? ' log-replay' : ''}`, dataset: { kind, replay: String(replay) } },
-      h('time', { class: 'mono', text: clockTime(at) }),
-      replay ? h('span', { class: 'tag tag-replay', text: 'replay' }) : null,
-      h('span', { class: `tag tag-${kind}`, text: tag ?? kind }),
-      h('span', { class: 'log-text', text }));
-    list.append(li);
-    while (list.children.length > LOG_MAX) list.firstElementChild.remove();
-    if (atBottom) list.scrollTop = list.scrollHeight;
   }
 }
 

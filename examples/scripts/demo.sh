@@ -8,16 +8,23 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 PORT=${PORT:-8000}
-DATA=target/demo
+# DATA and PROFILE let developers run several stacks side by side (e.g. PROFILE=debug
+# DATA=target/dev-1 PORT=8101); NO_BUILD=1 skips the build.
+DATA=${DATA:-target/demo}
+PROFILE=${PROFILE:-release}
 mkdir -p "$DATA"
 chmod 700 "$DATA"
 
-echo "demo: building (the first build takes a few minutes)..."
-cargo build --release --locked -q -p tether-relay -p tether-device -p tether-examples --bin tether-relay \
-  --bin tether-device --bin tether-boat --bin tether-pilot
-RELAY=target/release/tether-relay
-DEVICE=target/release/tether-device
-BOAT=target/release/tether-boat
+if [[ "${NO_BUILD:-}" != 1 ]]; then
+  echo "demo: building (the first build takes a few minutes)..."
+  profile_flag=--release
+  [[ "$PROFILE" == debug ]] && profile_flag=
+  cargo build $profile_flag --locked -q -p tether-relay -p tether-device -p tether-examples --bin tether-relay \
+    --bin tether-device --bin tether-boat --bin tether-pilot
+fi
+RELAY=target/$PROFILE/tether-relay
+DEVICE=target/$PROFILE/tether-device
+BOAT=target/$PROFILE/tether-boat
 SOCKET="$PWD/$DATA/robot.sock"
 DB="$DATA/tether.db"
 
