@@ -511,6 +511,7 @@ function setDeviceOnline(online, source) {
   const prev = state.deviceOnline;
   state.deviceOnline = online;
   deviceView.renderBadge(online, !(state.live && state.live.connected));
+  if (online) videoLink.deviceOnline();
   if (source && prev !== null && prev !== online) {
     logEvent(online ? 'system' : 'warn', online ? 'online' : 'offline', `device is ${online ? 'online' : 'offline'} (${source})`);
   }

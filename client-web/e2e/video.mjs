@@ -115,6 +115,7 @@ const waitData = (name, op, arg = null, timeout = t.timeout) => page.waitForFunc
 /** Logs in, opens the device, waits for the relay connection. */
 async function openConsole() {
   await page.goto(base);
+  await page.getByTestId('login-tab-key').click();
   await page.getByTestId('login-key').fill(key);
   await page.getByTestId('login-button').click();
   const row = page.locator(`[data-testid="device-row"][data-device-id="${deviceId}"]`);

@@ -77,6 +77,9 @@ const BYE_REASONS = {
   no_viewers: "the relay stopped the device's stream: nobody was watching",
 };
 
+/** Ends after which video that was on starts again by itself once the device is online. */
+const RESUMABLE = new Set(['device_offline', 'target_offline', 'publisher_left']);
+
 /** The modes, for people. */
 export const MODE_NAMES = { auto: 'Auto', p2p: 'Peer to peer', sfu: 'Through relay (SFU)' };
 
@@ -157,6 +160,11 @@ export class VideoLink extends EventTarget {
     this.deviceID = null;
     /** Whether the user wants video: survives relay reconnects, cleared by stop() and bye. */
     this.wanted = false;
+    /**
+     * Video that was on ended because the device (or its stream to the relay) went away: it
+     * starts again by itself when the device is back online (deviceOnline()).
+     */
+    this.resumeWhenOnline = false;
     this.state = 'off'; // off | starting | connecting | live | recovering | waiting | ended
     this.detail = '';
     this.endReason = null;
@@ -175,6 +183,7 @@ export class VideoLink extends EventTarget {
   attach(deviceID) {
     this.stop('closed');
     this.deviceID = deviceID;
+    this.resumeWhenOnline = false;
     this.endReason = this.endMessage = null;
     this.sessions = 0;
     this._set('off', '');
@@ -184,6 +193,7 @@ export class VideoLink extends EventTarget {
   start() {
     if (!this.deviceID) return;
     this.wanted = true;
+    this.resumeWhenOnline = false;
     this.endReason = this.endMessage = null;
     this._begin(performance.now());
   }
@@ -208,6 +218,7 @@ export class VideoLink extends EventTarget {
   /** Stop pressed (`stopped`) or the view closed (`closed`): says `bye` and closes the peer. */
   stop(reason = 'stopped') {
     this.wanted = false;
+    this.resumeWhenOnline = false;
     const s = this.s;
     if (s && !s.relayLost) this._send({ type: 'webrtc', clientID: this.deviceID, payload: { subtype: 'bye', sessionID: s.id, reason } });
     this._close();
@@ -233,6 +244,13 @@ export class VideoLink extends EventTarget {
       this._log('system', 'relay connection back: starting a new video session');
       this._begin(performance.now());
     }
+  }
+
+  /** The open device is online (again): video that ended with it starts again. */
+  deviceOnline() {
+    if (!this.resumeWhenOnline || this.s || !this.deviceID || !this._relayUp()) return;
+    this._log('system', 'the device is back: starting the video again');
+    this.start();
   }
 
   /**
@@ -748,12 +766,15 @@ export class VideoLink extends EventTarget {
 
   /** The session is over (bye, refusal, failure): show why and offer Start again. */
   _end(reason, message) {
+    const resume = this.wanted && RESUMABLE.has(reason);
     this.wanted = false;
+    this.resumeWhenOnline = resume;
     this.endReason = reason;
     this.endMessage = message;
-    this._log(reason === 'device_offline' ? 'warn' : 'error', `video ended: ${describeEnd(reason, message)}`);
+    const why = describeEnd(reason, message) + (resume ? '; it starts again when the device is back' : '');
+    this._log(reason === 'device_offline' ? 'warn' : 'error', `video ended: ${why}`);
     this._close();
-    this._set('ended', describeEnd(reason, message));
+    this._set('ended', why);
   }
 
   /** Closes the session's current peer (the session itself goes on). */
@@ -991,7 +1012,7 @@ export class VideoPanel {
    * off is not stale (there is no picture to trust); before its first frame it is "starting".
    */
   _checkStale(now = performance.now()) {
-    const wanted = this.link.wanted || !!this.link.s;
+    const wanted = this.link.wanted || !!this.link.s || this.link.resumeWhenOnline;
     if (!wanted) {
       this._lastFrameAt = null;
       this._seenFrames = -1;

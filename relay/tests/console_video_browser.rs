@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
+use common::browser::*;
 use common::*;
 
 /// The agent's video settings, which the browser must see.
@@ -60,7 +61,7 @@ async fn console_plays_the_agents_test_pattern_in_chromium() {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(Path::new(&chromium).exists(), "no chromium at {chromium}: run `make deps` (or `make test`)");
     let ip = interface_address();
-    let agent = agent_binary(&root);
+    let agent = workspace_binary(&root, "tether-device", "tether-device", AGENT_SOURCES);
 
     let r = start_relay_with(|c| {
         c.bind = ip;
@@ -144,95 +145,4 @@ async fn console_plays_the_agents_test_pattern_in_chromium() {
     }
     agent.kill().await.unwrap();
     r.stop().await;
-}
-
-/// The address this machine uses for outside traffic: where Chromium and the agent gather
-/// their host candidates.
-fn interface_address() -> IpAddr {
-    if let Ok(s) = std::env::var("TETHER_TEST_IP") {
-        return s.parse().expect("TETHER_TEST_IP is an IP address");
-    }
-    // Connecting a UDP socket only picks the route and source address; nothing is sent.
-    let routed = std::net::UdpSocket::bind("0.0.0.0:0")
-        .and_then(|s| s.connect("1.1.1.1:53").map(|()| s))
-        .and_then(|s| s.local_addr())
-        .map(|a| a.ip())
-        .ok();
-    // No default route (an isolated machine): any global address of an interface that is up.
-    let listed = || {
-        let out = std::process::Command::new("ip")
-            .args(["-4", "-o", "addr", "show", "scope", "global", "up"])
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.split_whitespace().skip_while(|w| *w != "inet").nth(1)?.split('/').next()?.parse().ok()
-    };
-    match routed.or_else(listed) {
-        Some(ip) if !ip.is_loopback() && !ip.is_unspecified() => ip,
-        other => panic!(
-            "no non-loopback IPv4 address ({other:?}): Chromium gathers no loopback ICE candidates, so this \
-             test needs an interface (or set TETHER_TEST_IP)"
-        ),
-    }
-}
-
-/// The `tether-device` binary, built if it is missing or older than its sources.
-fn agent_binary(root: &Path) -> PathBuf {
-    if let Some(p) = std::env::var_os("TETHER_DEVICE_BIN") {
-        return p.into();
-    }
-    // This test runs as target/<profile>/deps/console_video_browser-<hash>.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).expect("test binary in target/<profile>/deps").to_owned();
-    let bin = profile_dir.join(format!("tether-device{}", std::env::consts::EXE_SUFFIX));
-    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    let sources = [
-        "device/src",
-        "device/Cargo.toml",
-        "media/src",
-        "media/Cargo.toml",
-        "signaling/src",
-        "signaling/Cargo.toml",
-        "Cargo.lock",
-    ]
-    .iter()
-    .filter_map(|p| newest(&root.join(p)))
-    .max();
-    if built.is_some_and(|b| sources.is_none_or(|s| s <= b)) {
-        return bin;
-    }
-    let Some(cargo) = std::env::var_os("CARGO") else {
-        panic!("{} is missing or older than its sources: run `cargo build -p tether-device` first", bin.display());
-    };
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => "dev".to_owned(),
-        Some(other) => other.to_owned(),
-    };
-    let mut build = std::process::Command::new(cargo);
-    build.current_dir(root).args(["build", "-p", "tether-device", "--bin", "tether-device", "--profile", &profile]);
-    // The same target directory as this test, unless it is not a plain <target>/<profile>.
-    if let Some(target) = profile_dir.parent().filter(|t| t.join("CACHEDIR.TAG").exists()) {
-        build.env("CARGO_TARGET_DIR", target);
-    }
-    eprintln!("building the agent: {build:?}");
-    let status = build.status().expect("cargo runs");
-    assert!(status.success(), "building tether-device failed");
-    assert!(bin.exists(), "cargo built tether-device somewhere other than {}", bin.display());
-    bin
-}
-
-/// The newest modification time of a file, or of any file under a directory.
-fn newest(path: &Path) -> Option<SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_dir() {
-        return meta.modified().ok();
-    }
-    std::fs::read_dir(path).ok()?.filter_map(Result::ok).filter_map(|e| newest(&e.path())).max()
-}
-
-/// The end of the agent's log, for failure messages.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
 }

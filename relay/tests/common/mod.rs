@@ -2,6 +2,8 @@
 //! clients speaking the native protocol with tokio-tungstenite.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
