@@ -413,6 +413,7 @@ await step('stale-banner-while-video-paused', async () => {
     await page.getByTestId('video-stale').waitFor({ state: 'visible', ...T });
     if ((await videoData(page, 'stale')) !== 'true') throw new Error('data-stale is not true while the banner shows');
     await control.teleopDisabledWhileStale(page, env);
+    await page.getByTestId('video-panel').scrollIntoViewIfNeeded();
     await page.screenshot({ path: join(SHOTS, `${String(stepNo).padStart(2, '0')}-stale-banner.png`) });
   } finally {
     boatAgent.kill('SIGCONT');
