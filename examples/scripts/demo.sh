@@ -33,6 +33,14 @@ if [[ ! -s "$DATA/admin.key" ]]; then
   (umask 077; echo "tk_demo_$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" > "$DATA/admin.key")
 fi
 ADMIN_KEY=$(cat "$DATA/admin.key")
+# Passwords for the console's username/password login: the admin's and a demo pilot's.
+for who in admin pilot; do
+  if [[ ! -s "$DATA/$who.password" ]]; then
+    (umask 077; echo "$who-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')" > "$DATA/$who.password")
+  fi
+done
+ADMIN_PASSWORD=$(cat "$DATA/admin.password")
+PILOT_PASSWORD=$(cat "$DATA/pilot.password")
 
 # The demo boat's credential, created once.
 if [[ ! -s "$DATA/boat.yaml" ]]; then
@@ -53,7 +61,12 @@ telemetry:
   udp: "127.0.0.1:47300"
   unixSocket: "robot.sock"
 commands:
-  allow: ["uptime", "df", "free", "ip"]
+  allow: ["uptime", "df", "free", "ip", "echo"]
+# A supervised process, so the console's process list and log console have something to show.
+paths:
+  bilge-monitor:
+    runOnInit: "sh -c 'while true; do echo \\"INFO bilge pump idle, level 3 cm\\"; sleep 5; echo \\"WARN bilge level 7 cm\\" >&2; sleep 5; done'"
+    runOnInitRestart: "yes"
 safety:
   policy: hold
 video:
@@ -93,6 +106,13 @@ for _ in $(seq 1 100); do
 done
 curl -fsS "http://127.0.0.1:${PORT}/health" >/dev/null || { echo "demo: relay not healthy on port $PORT" >&2; exit 1; }
 
+# The admin's password (set every start, so it matches the file) and the demo pilot.
+api() { curl -sS -H "Authorization: Bearer $ADMIN_KEY" -H 'Content-Type: application/json' "$@"; }
+admin_id=$(api "http://127.0.0.1:${PORT}/api/me" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+api -X PUT -d "{\"password\":\"${ADMIN_PASSWORD}\"}" "http://127.0.0.1:${PORT}/api/operators/${admin_id}/password" >/dev/null
+api -X POST -d "{\"username\":\"pilot\",\"role\":\"pilot\",\"password\":\"${PILOT_PASSWORD}\",\"access\":\"control\"}" \
+  "http://127.0.0.1:${PORT}/api/operators" >/dev/null   # 409 after the first start: it exists
+
 "$DEVICE" --config "$DATA/boat.yaml" 2>"$DATA/agent.log" &
 pids+=($!)
 "$BOAT" --socket "$SOCKET" 2>"$DATA/boat.log" &
@@ -103,12 +123,18 @@ cat <<MSG
   Tether demo is running.
 
     Console:       http://localhost:${PORT}/
-    Operator key:  ${ADMIN_KEY}
+    Admin:         username admin, password ${ADMIN_PASSWORD}   (or the API key ${ADMIN_KEY})
+    Pilot:         username pilot, password ${PILOT_PASSWORD}   (control on every device)
     Health:        http://localhost:${PORT}/health
     Logs:          ${DATA}/relay.log, ${DATA}/agent.log, ${DATA}/boat.log
 
-  Log in with the key, open "Demo boat", watch its telemetry and press Start video (the
-  boat's camera is a test pattern with a clock overlay).
+  In the console: log in, open "Demo boat" and press Start video (a test pattern with a clock).
+  Take control, click "Edit waypoints" and click the map, then Send: the boat turns toward
+  them. Press Drive and hold W/A/S/D (or a gamepad's stick with RB held) to steer by hand.
+  "Commands & processes" runs uptime/echo, a speed test, restarts bilge-monitor and edits the
+  agent's config; "Log" shows its output. Admin (top bar) manages devices, operators, keys,
+  handshake keys (onboarding: run a second tether-device with the snippet it shows, then
+  approve it in the fleet), permissions, the deny list and the audit log.
   From a terminal:
     follow:  target/release/tether-pilot --relay http://localhost:${PORT} --api-key ${ADMIN_KEY} --device demo-boat
     steer:   ... --device demo-boat --waypoint 37.8150,-122.4250
