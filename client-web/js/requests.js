@@ -39,11 +39,13 @@ export class RequestTracker {
    * @param {object} [opts]
    * @param {string} [opts.clientID]   the target device (routed requests)
    * @param {number} [opts.timeoutMs]  how long to wait for the final answer (default 35 s)
+   * @param {number} [opts.queuedTimeoutMs]  once the relay says `queued` (the device is offline),
+   *   how long to wait from then on (default 25 h: the relay keeps queued requests a day)
    * @param {boolean} [opts.ackIsFinal] resolve with the relay's `ack` (leases, registrations)
    * @param {(ack: object) => void} [opts.onAck]            `ack` payloads (`delivered`, `queued`)
    * @param {(progress: object) => void} [opts.onProgress]  `command_progress` payloads
    */
-  request(type, payload, { clientID, timeoutMs = 35000, ackIsFinal = false, onAck, onProgress } = {}) {
+  request(type, payload, { clientID, timeoutMs = 35000, queuedTimeoutMs = 25 * 3600 * 1000, ackIsFinal = false, onAck, onProgress } = {}) {
     const correlationID = `c-${this._prefix}-${++this._counter}`;
     const msg = { type, correlationID, payload: payload ?? {} };
     if (clientID !== undefined) msg.clientID = clientID;
@@ -52,11 +54,11 @@ export class RequestTracker {
         reject(new RequestError('not_connected', 'Not connected to the relay; try again once the banner says connected.'));
         return;
       }
-      const timer = setTimeout(() => {
+      const expire = (ms) => setTimeout(() => {
         this._pending.delete(correlationID);
-        reject(new RequestError('timeout', `No answer to ${type} within ${Math.round(timeoutMs / 1000)} s.`));
-      }, timeoutMs);
-      this._pending.set(correlationID, { type, resolve, reject, timer, ackIsFinal, onAck, onProgress });
+        reject(new RequestError('timeout', `No answer to ${type} within ${Math.round(ms / 1000)} s.`));
+      }, ms);
+      this._pending.set(correlationID, { type, resolve, reject, timer: expire(timeoutMs), expire, queuedTimeoutMs, ackIsFinal, onAck, onProgress });
     });
   }
 
@@ -81,8 +83,13 @@ export class RequestTracker {
       if (entry.ackIsFinal) {
         settle();
         entry.resolve(msg);
-      } else if (entry.onAck) {
-        entry.onAck(p);
+      } else {
+        if (p.status === 'queued') {
+          // The device is offline: the answer comes when it is back, however long that takes.
+          clearTimeout(entry.timer);
+          entry.timer = entry.expire(entry.queuedTimeoutMs);
+        }
+        if (entry.onAck) entry.onAck(p);
       }
       return true;
     }
