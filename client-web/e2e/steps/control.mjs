@@ -154,6 +154,68 @@ export async function teleopWithDeadman(page, env) {
 }
 
 /**
+ * Teleop with a gamepad: the page's Gamepad API is given a standard-mapping pad the test moves
+ * (navigator.getGamepads replaced before the press; the browser has no real pad here). With the
+ * stick forward and no deadman nothing is sent; holding RB (button 5) drives with throttle > 0;
+ * letting go of RB sends {"throttle":0,"rudder":0} at once. Disarms Drive and removes the pad.
+ * Preconditions: as for teleopWithDeadman.
+ */
+export async function teleopWithGamepad(page, env) {
+  await waitData(page, 'lease', 'mine', 'teleop needs the lease');
+  await waitData(page, 'teleop', 'ready', 'teleop should be ready before the gamepad test');
+  await page.evaluate(() => {
+    const pad = {
+      id: 'Tether test pad (STANDARD GAMEPAD)', index: 0, connected: true, mapping: 'standard', timestamp: 0,
+      axes: [0, 0, 0, 0], buttons: Array.from({ length: 17 }, () => ({ pressed: false, touched: false, value: 0 })),
+    };
+    window.__testPad = pad;
+    Object.defineProperty(navigator, 'getGamepads', { configurable: true, value: () => [window.__testPad] });
+    const ev = new Event('gamepadconnected');
+    ev.gamepad = pad;
+    window.dispatchEvent(ev);
+  });
+  const setPad = (axes, deadman) => page.evaluate(([a, d]) => {
+    window.__testPad.axes = a;
+    window.__testPad.buttons[5] = { pressed: d, touched: d, value: d ? 1 : 0 };
+    window.__testPad.timestamp = performance.now();
+  }, [axes, deadman]);
+  const panel = page.locator(PANEL);
+  await page.waitForFunction((sel) => /Tether test pad/.test(document.querySelector(sel)?.querySelector('[data-testid="teleop-gamepad"]')?.textContent || ''), PANEL, T)
+    .catch(() => { throw new Error('the panel does not show the connected gamepad'); });
+  const arm = panel.getByTestId('teleop-arm');
+  await arm.click();
+  const before = Number((await panelState(page)).teleopSent) || 0;
+  // Stick forward without the deadman: nothing may be sent (watch for half a second).
+  await setPad([0, -0.8, 0, 0], false);
+  await page.waitForTimeout(500);
+  if (Number((await panelState(page)).teleopSent) !== before) throw new Error('teleop commands were sent without the deadman button held');
+  await setPad([0, -0.8, 0.5, 0], true);
+  await page.waitForFunction(([sel, n]) => {
+    const el = document.querySelector(sel);
+    try {
+      const c = JSON.parse(el.dataset.lastCommand);
+      return Number(el.dataset.teleopSent) >= n + 3 && c.throttle > 0 && c.rudder > 0 && el.dataset.teleop === 'driving';
+    } catch {
+      return false;
+    }
+  }, [PANEL, before], T).catch(async () => {
+    throw new Error(`holding RB with the stick forward did not drive (panel data: ${JSON.stringify(await panelState(page))})`);
+  });
+  // Let go of the deadman with the stick still forward: an immediate zero.
+  await setPad([0, -0.8, 0.5, 0], false);
+  await page.waitForFunction((sel) => document.querySelector(sel)?.dataset.lastCommand === '{"throttle":0,"rudder":0}', PANEL, T)
+    .catch(async () => { throw new Error(`no zero command after releasing the deadman (${(await panelState(page)).lastCommand})`); });
+  await waitData(page, 'teleop', 'ready', 'after releasing the deadman');
+  await arm.click();
+  await page.evaluate(() => {
+    window.__testPad.connected = false;
+    Object.defineProperty(navigator, 'getGamepads', { configurable: true, value: () => [] });
+    window.dispatchEvent(new Event('gamepaddisconnected'));
+  });
+  env.log('teleop: gamepad deadman drove and stopped the boat');
+}
+
+/**
  * Checks that teleop is refused while the video is stale.
  * Preconditions: the device view is open and its video is stale (`#video-panel` has
  * data-stale="true", set by the app). The lease may or may not be held; the relay is up and the
