@@ -31,7 +31,7 @@ use crate::local::{LocalApi, LocalConfig, LocalEvent};
 use crate::net::Socket;
 use crate::safety::{self, Safety};
 use crate::sim::Boat;
-use crate::supervise::{Supervisor, SupervisorEvent};
+use crate::supervise::{ControlAction, ControlError, Supervisor, SupervisorEvent};
 use crate::sysmetrics::SystemMetrics;
 
 /// Why the agent stopped for good (as opposed to reconnecting).
@@ -209,7 +209,8 @@ pub struct Agent {
     safety: Safety,
     waiting: HashMap<String, Waiting>,
     local_ids: u64,
-    supervisor: Option<Supervisor>,
+    /// Shared with the tasks that carry out `process_command` (a stop can take seconds).
+    supervisor: Option<std::sync::Arc<Supervisor>>,
     local: Vec<LocalApi>,
     link: Option<Link>,
     internal: Option<mpsc::Sender<Internal>>,
@@ -310,8 +311,11 @@ impl Agent {
             self.video = Some(crate::video::VideoService::start(self.config.video.clone(), vtx));
         }
         let (sup_tx, mut sup_rx) = mpsc::channel(1024);
-        self.supervisor =
-            Some(Supervisor::start(self.config.paths.clone(), self.config.command_restart_max_delay.value, sup_tx));
+        self.supervisor = Some(std::sync::Arc::new(Supervisor::start(
+            self.config.paths.clone(),
+            self.config.command_restart_max_delay.value,
+            sup_tx,
+        )));
         let result = self.drive(&mut cancel, &mut internal_rx, &mut local_rx, &mut sup_rx).await;
         drop(local_tx);
         if let Some(s) = self.supervisor.take() {
@@ -867,6 +871,60 @@ impl Agent {
                 let result = self.reload_config().await;
                 self.finish(corr, from, result);
             }
+            Body::GetClientConfig(_) => {
+                let result = match redacted_config(&self.config) {
+                    Ok(config) => CommandResult {
+                        ok: true,
+                        error: None,
+                        code: None,
+                        data: Some(json!({"config": config, "protected": PROTECTED})),
+                    },
+                    Err(e) => failure(ErrorCode::Internal, format!("cannot represent the current config: {e}")),
+                };
+                self.finish(corr, from, result);
+            }
+            Body::ProcessCommand(pc) => {
+                let Some(action) = ControlAction::parse(&pc.action) else {
+                    let msg = format!("action must be \"start\", \"stop\" or \"restart\", got {:?}", pc.action);
+                    self.finish(corr, from, failure(ErrorCode::InvalidPayload, msg));
+                    return;
+                };
+                if pc.name.is_empty() {
+                    let msg = "name is required: the process's key under paths in config.yaml".to_owned();
+                    self.finish(corr, from, failure(ErrorCode::InvalidPayload, msg));
+                    return;
+                }
+                let Some(sup) = self.supervisor.clone() else {
+                    let msg = "process supervision is not running".to_owned();
+                    self.finish(corr, from, failure(ErrorCode::Unsupported, msg));
+                    return;
+                };
+                // Off the loop: stopping waits up to the grace period for the process to exit.
+                let tx = self.internal_tx();
+                tokio::spawn(async move {
+                    let result = match sup.control(&pc.name, action).await {
+                        Ok(done) => {
+                            let mut data = json!({
+                                "name": pc.name, "action": action.as_str(), "state": done.info.state,
+                                "changed": done.changed,
+                            });
+                            if let Some(pid) = done.info.pid {
+                                data["pid"] = json!(pid);
+                            }
+                            if let Some(how) = done.info.last_exit {
+                                data["lastExit"] = json!(how);
+                            }
+                            CommandResult { ok: true, error: None, code: None, data: Some(data) }
+                        }
+                        Err(e @ ControlError::UnknownProcess { .. }) => {
+                            failure(ErrorCode::UnknownProcess, e.to_string())
+                        }
+                        Err(e) => failure(ErrorCode::Internal, e.to_string()),
+                    };
+                    let text = addressed(result, corr.clone(), from);
+                    let _ = tx.send(Internal::Final { correlation_id: corr, text }).await;
+                });
+            }
             Body::SpeedTest(s) => {
                 let tx = self.internal_tx();
                 let (server, id, secret) = (
@@ -1023,6 +1081,14 @@ impl Agent {
                 ErrorCode::InvalidConfig,
                 format!(
                     "{k} cannot be changed remotely (a mistake would cut the device off); edit config.yaml on the device"
+                ),
+            );
+        }
+        if writes_redacted(&patch) {
+            return failure(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "the patch contains {REDACTED:?}, which stands for a secret get_client_config did not send; send the real value or leave the key out"
                 ),
             );
         }
@@ -1229,6 +1295,40 @@ impl Agent {
 const PROTECTED: &[&str] =
     &["serverAddress", "clientID", "clientSecret", "handshakeKey", "registrationRequestID", "caFile"];
 
+/// What `get_client_config` sends in place of a secret that is set.
+const REDACTED: &str = "<redacted>";
+
+/// The running config as `get_client_config` shows it: the same JSON view that
+/// `update_client_config` patches (config.yaml's key names), with the secrets replaced by
+/// [`REDACTED`]: `clientSecret`, `handshakeKey` and the TURN servers' `credential`s.
+fn redacted_config(config: &Config) -> Result<Value, serde_json::Error> {
+    fn hide(secret: Option<&mut Value>) {
+        if let Some(s) = secret.filter(|s| s.as_str().is_some_and(|s| !s.is_empty())) {
+            *s = json!(REDACTED);
+        }
+    }
+    let mut v = serde_json::to_value(config)?;
+    hide(v.get_mut("clientSecret"));
+    hide(v.get_mut("handshakeKey"));
+    if let Some(servers) = v.pointer_mut("/video/iceServers").and_then(Value::as_array_mut) {
+        for server in servers {
+            hide(server.get_mut("credential"));
+        }
+    }
+    Ok(v)
+}
+
+/// Whether a patch writes the redaction placeholder back as a value (a client that edited
+/// what `get_client_config` sent and returned a secret it never saw).
+fn writes_redacted(patch: &Value) -> bool {
+    match patch {
+        Value::String(s) => s == REDACTED,
+        Value::Array(a) => a.iter().any(writes_redacted),
+        Value::Object(o) => o.values().any(writes_redacted),
+        _ => false,
+    }
+}
+
 /// RFC 7386 JSON merge patch.
 fn merge_patch(target: &mut Value, patch: &Value) {
     match (target, patch) {
@@ -1378,6 +1478,27 @@ enum SessionEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_view_hides_secrets_that_are_set() {
+        let mut c = Config::parse(
+            "serverAddress: ws://r/ws\nclientID: boat-1\nclientSecret: s3cret\nteamNotes: kept\n\
+             video:\n  iceServers:\n    - urls: [\"turn:t:3478\"]\n      username: u\n      credential: pw\n",
+            "test",
+        )
+        .unwrap();
+        let v = redacted_config(&c).unwrap();
+        assert_eq!(v["clientSecret"], REDACTED);
+        assert_eq!(v["handshakeKey"], "", "an unset secret stays empty");
+        assert_eq!(v["video"]["iceServers"][0]["credential"], REDACTED);
+        assert_eq!(v["video"]["iceServers"][0]["username"], "u");
+        assert_eq!((v["clientID"].as_str(), v["teamNotes"].as_str()), (Some("boat-1"), Some("kept")));
+        assert!(!v.to_string().contains("s3cret") && !v.to_string().contains("\"pw\""));
+        c.handshake_key = "group-key".into();
+        assert_eq!(redacted_config(&c).unwrap()["handshakeKey"], REDACTED);
+        assert!(writes_redacted(&json!({"video": {"iceServers": [{"urls": [], "credential": REDACTED}]}})));
+        assert!(!writes_redacted(&json!({"logLevel": "debug"})));
+    }
 
     #[test]
     fn merge_patch_merges_objects_and_null_deletes() {

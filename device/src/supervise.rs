@@ -17,9 +17,9 @@
 //!   (inside a tokio runtime); forward what arrives on the receiver ([`SupervisorEvent`]) to the
 //!   relay as `process_state` and `log` messages;
 //! - call [`Supervisor::apply`] after a config update, [`Supervisor::snapshot`] whenever a full
-//!   picture is wanted (for instance right after the link comes up), and
-//!   [`Supervisor::shutdown`] before the agent exits. Dropping a `Supervisor` without
-//!   `shutdown` still stops every process, in the background.
+//!   picture is wanted (for instance right after the link comes up), [`Supervisor::control`]
+//!   for an operator's `process_command`, and [`Supervisor::shutdown`] before the agent exits.
+//!   Dropping a `Supervisor` without `shutdown` still stops every process, in the background.
 //!
 //! # Running a process
 //!
@@ -44,6 +44,16 @@
 //! stopped by [`Supervisor::apply`] or [`Supervisor::shutdown`] ends `stopped`; a removed entry
 //! is reported `stopped` once and then leaves the snapshot, which always has one entry per
 //! `paths` entry. `since` is the device time of the last change.
+//!
+//! # Operator control
+//!
+//! [`Supervisor::control`] stops, starts or restarts one entry on request. A process stopped
+//! this way ends `stopped` and stays stopped, whatever `runOnInitRestart` says, until it is
+//! started or restarted the same way, its definition (`runOnInit`, `runOnInitRestart`,
+//! `environment`) changes in an [`Supervisor::apply`], or the agent restarts (which starts every
+//! entry): the stop lives in memory only, never in config.yaml. A start keeps the entry's
+//! `restarts` and `lastExit` (they describe its history; `restarts` counts only the
+//! supervisor's own restarts) and begins a fresh backoff.
 //!
 //! Every change produces a full snapshot ([`SupervisorEvent::State`]). Snapshots are never
 //! dropped: they go through an internal queue to a task that delivers them with
@@ -112,6 +122,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The caller may be the consumer itself, so this cannot wait forever; undelivered snapshots are
 /// still delivered in the background while the receiver exists.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long [`Supervisor::control`] waits for a process it started to leave `starting`.
+pub const START_WAIT: Duration = Duration::from_secs(10);
 /// Longest log line, in bytes, before the `…` marker.
 const MAX_LINE: usize = 8 * 1024;
 
@@ -272,6 +284,71 @@ pub enum SupervisorEvent {
     Log(LogLine),
 }
 
+/// What [`Supervisor::control`] does to one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlAction {
+    /// Start it unless it is running or about to (`starting`).
+    Start,
+    /// Stop it and keep it stopped (see the module docs for how long).
+    Stop,
+    /// Stop it if it runs, then start it.
+    Restart,
+}
+
+impl ControlAction {
+    /// Parses `start`, `stop` or `restart`.
+    pub fn parse(s: &str) -> Option<ControlAction> {
+        match s {
+            "start" => Some(ControlAction::Start),
+            "stop" => Some(ControlAction::Stop),
+            "restart" => Some(ControlAction::Restart),
+            _ => None,
+        }
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlAction::Start => "start",
+            ControlAction::Stop => "stop",
+            ControlAction::Restart => "restart",
+        }
+    }
+}
+
+/// Why [`Supervisor::control`] did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// No `paths` entry has that name.
+    #[error("no supervised process is named {name:?} (known: {})", known_list(.known))]
+    UnknownProcess {
+        /// The name asked for.
+        name: String,
+        /// Every entry's name, sorted.
+        known: Vec<String>,
+    },
+    /// The supervisor is shutting down with the agent.
+    #[error("the agent is shutting down")]
+    ShutDown,
+}
+
+fn known_list(known: &[String]) -> String {
+    if known.is_empty() { "none: config.yaml has no paths entries".into() } else { known.join(", ") }
+}
+
+/// What [`Supervisor::control`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlOutcome {
+    /// The process's state afterwards. After a start this is past `starting` (normally
+    /// `running`, or `failed` if it could not be started) unless that took longer than
+    /// [`START_WAIT`].
+    pub info: ProcessInfo,
+    /// False when there was nothing to do: a start of a running (or starting) process, a stop
+    /// of one already stopped on request.
+    pub changed: bool,
+}
+
 /// What [`Supervisor::apply`] did, each list sorted by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -314,8 +391,8 @@ struct Entry {
     generation: u64,
     /// Set to true to stop it; dropping it stops it as well.
     stop: watch::Sender<bool>,
-    /// Its task, awaited when it is stopped.
-    task: JoinHandle<()>,
+    /// Its task, awaited when it is stopped; None once an operator stopped it (nothing runs).
+    task: Option<JoinHandle<()>>,
 }
 
 /// State shared between the supervisor and its tasks.
@@ -329,6 +406,8 @@ struct Shared {
     max_delay: Mutex<Duration>,
     /// Log lines dropped because the events channel was full.
     dropped_logs: AtomicU64,
+    /// Bumped on every state change, so [`Supervisor::control`] can wait for a start to settle.
+    changes: watch::Sender<u64>,
 }
 
 /// Every process's state.
@@ -371,6 +450,7 @@ impl Supervisor {
             table: Mutex::new(Table { slots: BTreeMap::new(), publish }),
             max_delay: Mutex::new(max_delay),
             dropped_logs: AtomicU64::new(0),
+            changes: watch::Sender::new(0),
         });
         let mut entries = Entries { map: BTreeMap::new(), shut_down: false, next_generation: 0 };
         launch(&shared, &mut entries, specs);
@@ -442,6 +522,108 @@ impl Supervisor {
         report
     }
 
+    /// Stops, starts or restarts the entry `name` for an operator (see the module docs for how
+    /// long a stop lasts). Holds the running set meanwhile, as `apply` does, so the two never
+    /// work on the same entry at once. A stop returns once the process is gone (up to the 5 s
+    /// grace period and SIGKILL); a start once it left `starting` or [`START_WAIT`] passed.
+    pub async fn control(&self, name: &str, action: ControlAction) -> Result<ControlOutcome, ControlError> {
+        let mut entries = self.entries.lock().await;
+        if entries.shut_down {
+            return Err(ControlError::ShutDown);
+        }
+        let Some(entry) = entries.map.remove(name) else {
+            return Err(ControlError::UnknownProcess {
+                name: name.into(),
+                known: entries.map.keys().cloned().collect(),
+            });
+        };
+        let state = self.info(name).map(|p| p.state).unwrap_or_default();
+        let active = entry.task.is_some() && matches!(state.as_str(), "starting" | "running");
+        let (entry, changed) = match action {
+            ControlAction::Stop if entry.task.is_none() => (entry, false),
+            ControlAction::Start if active => (entry, false),
+            ControlAction::Stop => (self.halt(name, entry).await, true),
+            ControlAction::Start => {
+                // Not running: whatever its task still waits for (a backoff, a stop) is
+                // retired without reporting `stopped`, so the start reads as one change.
+                let entry = if entry.task.is_some() {
+                    let quiet = entries.next_generation;
+                    entries.next_generation += 1;
+                    if let Some(slot) = lock(&self.shared.table).slots.get_mut(name) {
+                        slot.generation = quiet;
+                    }
+                    self.halt(name, entry).await
+                } else {
+                    entry
+                };
+                (self.relaunch(&mut entries, name, entry).await, true)
+            }
+            ControlAction::Restart => {
+                let entry = if entry.task.is_some() { self.halt(name, entry).await } else { entry };
+                (self.relaunch(&mut entries, name, entry).await, true)
+            }
+        };
+        entries.map.insert(name.to_owned(), entry);
+        let info = self.info(name).unwrap_or_default();
+        tracing::info!(process = %name, action = action.as_str(), changed, state = %info.state, "process control");
+        Ok(ControlOutcome { info, changed })
+    }
+
+    /// Stops the entry's task and waits for it; the entry stays, with nothing running.
+    async fn halt(&self, name: &str, mut entry: Entry) -> Entry {
+        let task = entry.task.take();
+        let stop = std::mem::replace(&mut entry.stop, watch::Sender::new(true));
+        let running = Entry { spec: entry.spec.clone(), generation: entry.generation, stop, task };
+        stop_all(&self.shared, vec![(name.to_owned(), running)]).await;
+        entry
+    }
+
+    /// Starts a stopped entry again under a new generation, keeping its slot's history
+    /// (`restarts`, `lastExit`), and waits for it to leave `starting`.
+    async fn relaunch(&self, entries: &mut Entries, name: &str, entry: Entry) -> Entry {
+        let generation = entries.next_generation;
+        entries.next_generation += 1;
+        let mut changes = self.shared.changes.subscribe();
+        {
+            let mut table = lock(&self.shared.table);
+            let slot = table.slots.entry(name.to_owned()).or_insert_with(|| Slot {
+                generation,
+                info: ProcessInfo { name: name.to_owned(), ..Default::default() },
+            });
+            slot.generation = generation;
+            slot.info.state = "starting".into();
+            slot.info.pid = None;
+            slot.info.restart_at = None;
+            slot.info.since = now_ms();
+            table.publish_snapshot();
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let run = Run {
+            name: name.to_owned(),
+            spec: entry.spec.clone(),
+            generation,
+            shared: self.shared.clone(),
+            stop: stop_rx,
+        };
+        let task = tokio::spawn(run.supervise());
+        let settled = async {
+            while self.info(name).is_some_and(|p| p.state == "starting") {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(START_WAIT, settled).await.is_err() {
+            tracing::warn!(process = %name, "still starting after {START_WAIT:?}");
+        }
+        Entry { spec: entry.spec, generation, stop, task: Some(task) }
+    }
+
+    /// One process's current state.
+    fn info(&self, name: &str) -> Option<ProcessInfo> {
+        lock(&self.shared.table).slots.get(name).map(|s| s.info.clone())
+    }
+
     /// The current state of every process, sorted by name.
     pub fn snapshot(&self) -> ProcessState {
         lock(&self.shared.table).snapshot()
@@ -488,7 +670,7 @@ fn launch(shared: &Arc<Shared>, entries: &mut Entries, specs: BTreeMap<String, P
         let (stop, stop_rx) = watch::channel(false);
         let run = Run { name: name.clone(), spec: spec.clone(), generation, shared: shared.clone(), stop: stop_rx };
         let task = tokio::spawn(run.supervise());
-        entries.map.insert(name, Entry { spec, generation, stop, task });
+        entries.map.insert(name, Entry { spec, generation, stop, task: Some(task) });
     }
     table.publish_snapshot();
 }
@@ -500,11 +682,13 @@ async fn stop_all(shared: &Shared, entries: Vec<(String, Entry)>) {
     for (_, entry) in &entries {
         entry.stop.send_replace(true);
     }
-    for (name, mut entry) in entries {
-        if tokio::time::timeout(STOP_TIMEOUT, &mut entry.task).await.is_err() {
+    for (name, entry) in entries {
+        // An entry an operator stopped has no task left to wait for.
+        let Some(mut task) = entry.task else { continue };
+        if tokio::time::timeout(STOP_TIMEOUT, &mut task).await.is_err() {
             tracing::warn!(process = %name, "process did not stop in time; abandoning it");
-            entry.task.abort();
-            let _ = entry.task.await;
+            task.abort();
+            let _ = task.await;
             shared.update(&name, entry.generation, |p, _| {
                 p.state = "stopped".into();
                 p.pid = None;
@@ -552,6 +736,8 @@ impl Shared {
         change(&mut slot.info, now);
         slot.info.since = now;
         table.publish_snapshot();
+        drop(table);
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn max_delay(&self) -> Duration {
@@ -1250,6 +1436,70 @@ mod tests {
         sup.shutdown().await;
         assert!(!alive(pid_a));
         assert_eq!(sup.apply(set(&[("c", c)]), FIVE_MIN).await, ApplyReport::default(), "nothing after shutdown");
+    }
+
+    #[tokio::test]
+    async fn control_stops_until_started_and_restarts_with_a_new_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let cmd = script(dir.path(), "sleep.sh", "sleep 1000\n");
+        let once = script(dir.path(), "once.sh", "exit 4\n");
+        let specs = set(&[("svc", spec(&cmd, true)), ("once", spec(&once, false))]);
+        let (sup, mut rec) = start(specs.clone(), FIVE_MIN);
+        rec.until("running", |r| r.is("svc", "running") && r.is("once", "exited")).await;
+        let pid = rec.latest("svc").unwrap().pid.unwrap();
+
+        // A stop sticks, although runOnInitRestart is on.
+        let done = sup.control("svc", ControlAction::Stop).await.unwrap();
+        assert!(done.changed);
+        assert_eq!((done.info.state.as_str(), done.info.pid), ("stopped", None));
+        assert!(!alive(pid));
+        let again = sup.control("svc", ControlAction::Stop).await.unwrap();
+        assert!(!again.changed, "stopping a stopped process changes nothing");
+        // An unrelated config change leaves it stopped; so does one to its unknown keys only.
+        let mut kept = specs.clone();
+        kept.get_mut("svc").unwrap().extra.insert("note".into(), serde_norway::Value::String("x".into()));
+        assert_eq!(sup.apply(kept, FIVE_MIN).await.unchanged, ["once", "svc"]);
+        assert_eq!(sup.snapshot().processes[1].state, "stopped");
+
+        let started = sup.control("svc", ControlAction::Start).await.unwrap();
+        assert!(started.changed);
+        assert_eq!(started.info.state, "running", "a start answers once the process runs");
+        let pid2 = started.info.pid.unwrap();
+        assert_ne!(pid2, pid);
+        let noop = sup.control("svc", ControlAction::Start).await.unwrap();
+        assert!(!noop.changed, "starting a running process changes nothing");
+        assert_eq!(noop.info.pid, Some(pid2));
+
+        let restarted = sup.control("svc", ControlAction::Restart).await.unwrap();
+        let pid3 = restarted.info.pid.unwrap();
+        assert!(restarted.changed && pid3 != pid2 && !alive(pid2));
+        assert_eq!(restarted.info.last_exit.as_deref(), Some("signal 15"));
+        assert_eq!(restarted.info.restarts, 0, "restarts counts only the supervisor's own");
+        rec.until("restart seen", |r| r.latest("svc").is_some_and(|p| p.pid == Some(pid3))).await;
+        let states: Vec<String> = rec.history("svc").into_iter().map(|p| p.state).collect();
+        assert!(states.ends_with(&["stopped".into(), "starting".into(), "running".into()]), "{states:?}");
+
+        // A run-once process that exited starts again: straight to starting, no `stopped`.
+        let before = rec.history("once").len();
+        let ran = sup.control("once", ControlAction::Start).await.unwrap();
+        assert!(ran.changed);
+        rec.until("once ran again", |r| r.history("once").len() > before && r.is("once", "exited")).await;
+        let again: Vec<String> = rec.history("once")[before..].iter().map(|p| p.state.clone()).collect();
+        assert!(!again.contains(&"stopped".into()), "{again:?}");
+
+        let err = sup.control("nope", ControlAction::Stop).await.unwrap_err();
+        assert_eq!(err, ControlError::UnknownProcess { name: "nope".into(), known: vec!["once".into(), "svc".into()] });
+        assert!(err.to_string().contains("once, svc"), "{err}");
+
+        // A definition change starts a stopped process again.
+        sup.control("svc", ControlAction::Stop).await.unwrap();
+        let mut changed = specs;
+        changed.insert("svc".into(), spec(&format!("{cmd} x"), true));
+        assert_eq!(sup.apply(changed, FIVE_MIN).await.restarted, ["svc"]);
+        rec.until("running after the change", |r| r.is("svc", "running")).await;
+
+        sup.shutdown().await;
+        assert_eq!(sup.control("svc", ControlAction::Start).await.unwrap_err(), ControlError::ShutDown);
     }
 
     #[tokio::test]

@@ -470,3 +470,206 @@ async fn speed_test_and_docker_commands() {
     assert_eq!(r["payload"]["code"], "unsupported", "{r}");
     running.shutdown(Duration::from_secs(5)).await;
 }
+
+/// The supervised process `name` in a `process_state` message.
+fn process<'a>(state: &'a Value, name: &str) -> &'a Value {
+    state["payload"]["processes"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap_or(&Value::Null)
+}
+
+fn alive(pid: &Value) -> bool {
+    std::path::Path::new(&format!("/proc/{}", pid.as_u64().unwrap())).exists()
+}
+
+/// Another pilot of boat-7's organisation, with `level` on every device; returns its API key.
+fn second_pilot(running: &relay::RunningRelay, id: &'static str, level: &'static str) -> String {
+    use relay::store::{OperatorRole, q};
+    running
+        .relay
+        .store
+        .call_sync(move |c| {
+            q::create_operator(c, id, "default", id, OperatorRole::Pilot)?;
+            q::set_permission(c, id, "org", level)?;
+            relay::auth::issue_api_key_sync(c, id, None)
+        })
+        .unwrap()
+}
+
+/// A subscribed pilot that keeps what arrives while it waits for an answer, so a
+/// `process_state` that overtakes a `command_result` is not lost.
+struct Watcher {
+    ws: Ws,
+    backlog: std::collections::VecDeque<Value>,
+}
+
+impl Watcher {
+    /// The next message matching `want`, from what was kept first; earlier ones are skipped.
+    async fn next(&mut self, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.backlog.iter().position(&want) {
+            return self.backlog.drain(..=i).next_back().unwrap();
+        }
+        self.backlog.clear();
+        recv_until(&mut self.ws, what, want).await
+    }
+
+    /// Sends a request to boat-7 and returns its answer (after the `ack`), keeping the rest.
+    async fn request(&mut self, ty: &str, corr: &str, payload: Value) -> Value {
+        send(&mut self.ws, json!({"type": ty, "correlationID": corr, "clientID": "boat-7", "payload": payload})).await;
+        loop {
+            let v = recv_until(&mut self.ws, corr, |_| true).await;
+            if v["correlationID"] != corr {
+                self.backlog.push_back(v);
+            } else if v["type"] != "ack" {
+                return v;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn processes_are_stopped_started_and_restarted_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), 0).await;
+    let addr = running.addr;
+    let (secret, key) = fleet(&running, "admin");
+    let controller = second_pilot(&running, "op-c", "control");
+    let extra = "paths:\n  svc:\n    runOnInit: \"sleep 1000\"\n    runOnInitRestart: \"yes\"\n  \
+                 other:\n    runOnInit: \"sleep 1000\"\n";
+    let cfg = config(dir.path(), addr, &secret, free_udp_port(), extra);
+    let mut p = Watcher { ws: pilot(addr, &key).await, backlog: Default::default() };
+    p.next("subscribed", |v| v["type"] == "subscribed").await;
+    let mut agent = RunningAgent::spawn(&cfg, &[]);
+    let is_state = |v: &Value| v["type"] == "process_state";
+    let state = p
+        .next("both running", |v| {
+            is_state(v) && process(v, "svc")["state"] == "running" && process(v, "other")["state"] == "running"
+        })
+        .await;
+    let pid1 = process(&state, "svc")["pid"].clone();
+    let other_pid = process(&state, "other")["pid"].clone();
+
+    // stop: answered with the state afterwards; subscribers see `stopped`.
+    let r = p.request("process_command", "pc1", json!({"action":"stop","name":"svc"})).await;
+    assert_eq!(r["type"], "command_result", "{r}");
+    assert_eq!(r["from"], "boat-7");
+    assert_eq!(r["payload"]["ok"], true, "{r}");
+    assert_eq!(
+        r["payload"]["data"],
+        json!({"name":"svc","action":"stop","state":"stopped","changed":true,"lastExit":"signal 15"})
+    );
+    p.next("svc stopped", |v| is_state(v) && process(v, "svc")["state"] == "stopped").await;
+    assert!(!alive(&pid1), "the process is gone");
+    // It is not restarted although runOnInitRestart is on: snapshots come in order, and every
+    // one up to the restart of `other` (which follows the stop) still shows svc stopped.
+    let r = p.request("process_command", "pc2", json!({"action":"restart","name":"other"})).await;
+    assert_eq!(r["payload"]["data"]["state"], "running", "{r}");
+    let other_new = r["payload"]["data"]["pid"].clone();
+    assert_ne!(other_new, other_pid);
+    p.next("other restarted", |v| {
+        if !is_state(v) {
+            return false;
+        }
+        assert_eq!(process(v, "svc")["state"], "stopped", "svc came back on its own: {v}");
+        process(v, "other")["pid"] == other_new
+    })
+    .await;
+    let r = p.request("process_command", "pc3", json!({"action":"stop","name":"svc"})).await;
+    let data = &r["payload"]["data"];
+    assert_eq!((data["state"].as_str(), data["changed"].as_bool()), (Some("stopped"), Some(false)), "{r}");
+
+    // start: running again with a new pid; starting a running process is a no-op.
+    let r = p.request("process_command", "pc4", json!({"action":"start","name":"svc"})).await;
+    assert_eq!(r["payload"]["data"]["state"], "running", "{r}");
+    assert_eq!(r["payload"]["data"]["changed"], true);
+    let pid2 = r["payload"]["data"]["pid"].clone();
+    assert!(pid2.is_u64() && pid2 != pid1, "{r}");
+    p.next("svc running", |v| is_state(v) && process(v, "svc")["pid"] == pid2).await;
+    let r = p.request("process_command", "pc5", json!({"action":"start","name":"svc"})).await;
+    assert_eq!(r["payload"]["ok"], true, "{r}");
+    assert_eq!((r["payload"]["data"]["changed"].as_bool(), &r["payload"]["data"]["pid"]), (Some(false), &pid2));
+
+    // restart: stopped, then running with a new pid.
+    let r = p.request("process_command", "pc6", json!({"action":"restart","name":"svc"})).await;
+    let pid3 = r["payload"]["data"]["pid"].clone();
+    assert_eq!(r["payload"]["data"]["state"], "running", "{r}");
+    assert!(pid3.is_u64() && pid3 != pid2 && !alive(&pid2), "{r}");
+    p.next("svc stopped for the restart", |v| is_state(v) && process(v, "svc")["state"] == "stopped").await;
+    p.next("svc restarted", |v| is_state(v) && process(v, "svc")["pid"] == pid3).await;
+
+    // A redelivered request runs once: the second delivery gets the first answer.
+    let first = p.request("process_command", "pc-dup", json!({"action":"restart","name":"svc"})).await;
+    let second = p.request("process_command", "pc-dup", json!({"action":"restart","name":"svc"})).await;
+    assert_eq!(first["payload"], second["payload"]);
+    agent.wait_for_log("redelivered after it finished").await;
+    let pid4 = first["payload"]["data"]["pid"].clone();
+    let r = p.request("process_command", "pc7", json!({"action":"start","name":"svc"})).await;
+    assert_eq!(r["payload"]["data"]["pid"], pid4, "restarted once, not twice");
+
+    // Refusals.
+    let r = p.request("process_command", "pc8", json!({"action":"stop","name":"ghost"})).await;
+    assert_eq!((r["payload"]["ok"].as_bool(), r["payload"]["code"].as_str()), (Some(false), Some("unknown_process")));
+    assert!(r["payload"]["error"].as_str().unwrap().contains("other, svc"), "lists the known ones: {r}");
+    let r = p.request("process_command", "pc9", json!({"action":"explode","name":"svc"})).await;
+    assert_eq!(r["payload"]["code"], "invalid_payload", "{r}");
+    let r = p.request("process_command", "pc10", json!({"action":"stop"})).await;
+    assert_eq!(r["payload"]["code"], "invalid_payload", "{r}");
+    assert!(alive(&pid4), "refusals touched nothing");
+
+    // A pilot with only `control` is refused by the relay, for both requests.
+    let mut c = operator(addr, &controller).await;
+    let (_, e) = request(&mut c, "process_command", "f1", json!({"action":"stop","name":"svc"})).await;
+    assert_eq!((e["type"].as_str(), e["payload"]["code"].as_str()), (Some("error"), Some("forbidden")), "{e}");
+    let (_, e) = request(&mut c, "get_client_config", "f2", json!({})).await;
+    assert_eq!((e["type"].as_str(), e["payload"]["code"].as_str()), (Some("error"), Some("forbidden")), "{e}");
+
+    // An offline device: refused at once, not queued.
+    agent.child.kill().await.unwrap();
+    p.next("offline", |v| v["type"] == "presence" && v["payload"]["status"] == "offline").await;
+    let e = p.request("process_command", "o1", json!({"action":"start","name":"svc"})).await;
+    assert_eq!(e["payload"]["code"], "target_offline", "{e}");
+    let e = p.request("get_client_config", "o2", json!({})).await;
+    assert_eq!(e["payload"]["code"], "target_offline", "{e}");
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn the_running_config_is_read_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), 0).await;
+    let addr = running.addr;
+    let (secret, key) = fleet(&running, "admin");
+    let extra = "teamNotes: keep\ncommands:\n  allow: [\"uptime\"]\npaths:\n  steady:\n    runOnInit: \"sleep 600\"\n";
+    let cfg = config(dir.path(), addr, &secret, free_udp_port(), extra);
+    let mut agent = RunningAgent::spawn(&cfg, &[]);
+    agent.wait_for_log("authenticated with the relay").await;
+    let mut p = operator(addr, &key).await;
+
+    send(&mut p, json!({"type":"get_client_config","correlationID":"g1","clientID":"boat-7","payload":{}})).await;
+    let raw = recv_until(&mut p, "config", |v| v["correlationID"] == "g1" && v["type"] == "command_result").await;
+    assert!(!raw.to_string().contains(&secret), "the secret never leaves the device: {raw}");
+    let data = &raw["payload"]["data"];
+    assert_eq!(raw["payload"]["ok"], true, "{raw}");
+    assert_eq!(
+        data["protected"],
+        json!(["serverAddress", "clientID", "clientSecret", "handshakeKey", "registrationRequestID", "caFile"])
+    );
+    let c = &data["config"];
+    assert_eq!(c["clientSecret"], "<redacted>");
+    assert_eq!(c["handshakeKey"], "", "an unset secret is shown empty");
+    assert_eq!(c["clientID"], "boat-7");
+    assert_eq!(c["serverAddress"], format!("ws://{addr}/ws"));
+    assert_eq!(c["paths"]["steady"]["runOnInit"], "sleep 600");
+    assert_eq!(c["paths"]["steady"]["runOnInitRestart"], "no");
+    assert_eq!(c["commands"]["allow"], json!(["uptime"]));
+    assert_eq!(c["commands"]["timeout"], "30s", "defaults are filled in, in config.yaml's notation");
+    assert_eq!(c["teamNotes"], "keep", "unknown keys too");
+
+    // What an update changes is what the next read shows; the placeholder cannot be written back.
+    let (_, r) = request(&mut p, "update_client_config", "g2", json!({"config": {"logLevel": "warn"}})).await;
+    assert_eq!(r["payload"]["ok"], true, "{r}");
+    let (_, r) = request(&mut p, "get_client_config", "g3", json!({})).await;
+    assert_eq!(r["payload"]["data"]["config"]["logLevel"], "warn", "{r}");
+    let patch = json!({"config": {"video": {"iceServers": [{"urls": ["turn:t:3478"], "credential": "<redacted>"}]}}});
+    let (_, r) = request(&mut p, "update_client_config", "g4", patch).await;
+    assert_eq!(r["payload"]["code"], "invalid_config", "{r}");
+    running.shutdown(Duration::from_secs(5)).await;
+}

@@ -3,7 +3,8 @@
 //! Levels are ordered `view < control < admin`:
 //! - `view`: telemetry (`subscribe`), video (`webrtc`), presence;
 //! - `control`: application commands (`app_command`) and the control lease;
-//! - `admin`: `execute_command`, `docker_command`, configuration, speed tests.
+//! - `admin`: `execute_command`, `docker_command`, `process_command`, configuration (reading it
+//!   included), speed tests.
 //!
 //! Admins (operator role `admin`) hold `admin` on every device of their organisation. Pilots
 //! hold what was granted, for the whole org (`org`), a device (`device:<id>`) or a device
@@ -58,9 +59,13 @@ pub fn required_level(ty: &str) -> Option<Level> {
     match ty {
         "subscribe" | "webrtc" => Some(Level::View),
         "app_command" | "lease_acquire" | "lease_release" | "lease_heartbeat" => Some(Level::Control),
-        "execute_command" | "docker_command" | "update_client_config" | "reload_config" | "speed_test" => {
-            Some(Level::Admin)
-        }
+        "execute_command"
+        | "docker_command"
+        | "process_command"
+        | "update_client_config"
+        | "reload_config"
+        | "get_client_config"
+        | "speed_test" => Some(Level::Admin),
         _ => None,
     }
 }
@@ -176,6 +181,8 @@ mod tests {
         }
         assert_eq!(required_level("execute_command"), Some(Level::Admin));
         assert_eq!(required_level("docker_command"), Some(Level::Admin));
+        assert_eq!(required_level("process_command"), Some(Level::Admin));
+        assert_eq!(required_level("get_client_config"), Some(Level::Admin));
         assert_eq!(required_level("ping"), None);
     }
 }

@@ -74,12 +74,22 @@ const WRITE_BATCH: usize = 64;
 /// Extra time a device gets beyond a command's own `timeoutMs` to report its result.
 const RESULT_GRACE: Duration = Duration::from_secs(5);
 /// Message types that may wait in the offline queue for a device. Signaling (`webrtc`) is
-/// not queued: an offer is worthless minutes later. Neither is `docker_command`: starting or
-/// stopping a container is a decision about the robot's state now, not whenever it returns.
+/// not queued: an offer is worthless minutes later. Neither are `docker_command` and
+/// `process_command`: starting or stopping a container or a process is a decision about the
+/// robot's state now, not whenever it returns. Nor `get_client_config`: the console asks for
+/// the configuration to edit it now, and a copy delivered hours later would be stale.
 const QUEUEABLE: &[&str] = &["execute_command", "update_client_config", "reload_config", "speed_test", "app_command"];
 /// Message types that are requests with a result (and so a deadline).
-const WITH_RESULT: &[&str] =
-    &["execute_command", "docker_command", "update_client_config", "reload_config", "speed_test", "app_command"];
+const WITH_RESULT: &[&str] = &[
+    "execute_command",
+    "docker_command",
+    "process_command",
+    "update_client_config",
+    "reload_config",
+    "get_client_config",
+    "speed_test",
+    "app_command",
+];
 /// Replies that end a request: they stop its deadline and clear a queued copy. Other replies
 /// (`command_progress`, `webrtc`) are routed the same way but leave the request open.
 const FINAL_REPLIES: &[&str] = &["command_output", "command_result", "speed_test_result"];
@@ -791,8 +801,10 @@ impl Session {
             }
             Body::ExecuteCommand(_)
             | Body::DockerCommand(_)
+            | Body::ProcessCommand(_)
             | Body::UpdateClientConfig(_)
             | Body::ReloadConfig(_)
+            | Body::GetClientConfig(_)
             | Body::SpeedTest(_)
             | Body::AppCommand(_)
                 if role.is_operator() =>

@@ -14,6 +14,7 @@ fn message(ty: &str) -> Value {
         "app_command" => json!({"command":"set_waypoint","data":{"latitude":37.77,"longitude":-122.41}}),
         "execute_command" => json!({"command":"ls"}),
         "update_client_config" => json!({"config":{"logLevel":"debug"}}),
+        "process_command" => json!({"action":"restart","name":"ros"}),
         _ => json!({}),
     };
     json!({"type": ty, "correlationID": "c", "clientID": "boat-1", "payload": payload})
@@ -77,6 +78,8 @@ async fn every_role_and_level_against_every_device_message() {
         ("update_client_config", "admin"),
         ("reload_config", "admin"),
         ("speed_test", "admin"),
+        ("process_command", "admin"),
+        ("get_client_config", "admin"),
     ];
     let mut table = Vec::new();
     for (name, key, level) in &operators {

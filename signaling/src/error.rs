@@ -66,6 +66,8 @@ pub enum ErrorCode {
     /// No robot software is connected to the agent's local socket to take an app command, or
     /// it did not answer in time.
     RobotUnavailable,
+    /// `process_command` named a process the device does not supervise (no such `paths` key).
+    UnknownProcess,
     /// Something failed inside the relay; the message says what, the log has details.
     Internal,
 }
@@ -101,6 +103,7 @@ impl ErrorCode {
         ErrorCode::CommandFailed,
         ErrorCode::InvalidConfig,
         ErrorCode::RobotUnavailable,
+        ErrorCode::UnknownProcess,
         ErrorCode::Internal,
     ];
 
@@ -135,6 +138,7 @@ impl ErrorCode {
             ErrorCode::CommandFailed => "command_failed",
             ErrorCode::InvalidConfig => "invalid_config",
             ErrorCode::RobotUnavailable => "robot_unavailable",
+            ErrorCode::UnknownProcess => "unknown_process",
             ErrorCode::Internal => "internal",
         }
     }

@@ -162,6 +162,8 @@ bodies! {
     CommandProgress = "command_progress" (CommandProgress);
     /// Operator -> device: list, start, stop or restart containers through the docker CLI.
     DockerCommand = "docker_command" (DockerCommand);
+    /// Operator -> device: start, stop or restart one supervised process (a `paths` entry).
+    ProcessCommand = "process_command" (ProcessCommand);
     /// Device -> relay -> the device's subscribers: the supervised processes' state.
     ProcessState = "process_state" (ProcessState);
     /// Device -> relay -> pilots subscribed with `logs: true`: one line of a supervised
@@ -174,12 +176,16 @@ bodies! {
     UpdateClientConfig = "update_client_config" (UpdateClientConfig);
     /// Operator -> device: re-read config.yaml and apply it.
     ReloadConfig = "reload_config" (Empty);
+    /// Operator -> device: send the running configuration (secrets redacted) in a
+    /// `command_result`.
+    GetClientConfig = "get_client_config" (Empty), shared;
     /// Operator -> device: measure link throughput and round trip.
     SpeedTest = "speed_test" (SpeedTest);
     /// Device -> operator: the speed test's figures.
     SpeedTestResult = "speed_test_result" (SpeedTestResult);
     /// Device -> operator: the outcome of a request that has no result type of its own
-    /// (`update_client_config`, `reload_config`, `app_command`).
+    /// (`update_client_config`, `reload_config`, `get_client_config`, `process_command`,
+    /// `app_command`).
     CommandResult = "command_result" (CommandResult);
     /// Relay -> requester: what the relay did with a request (`delivered`, `queued`, `ok`).
     Ack = "ack" (Ack);
@@ -600,6 +606,18 @@ pub struct DockerCommand {
     /// The container (name or id); not needed for `list`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+}
+
+/// `process_command` payload. Both fields default to empty so that the device, not the relay,
+/// explains what is missing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessCommand {
+    /// `start`, `stop` or `restart`.
+    #[serde(default)]
+    pub action: String,
+    /// The process: its key under `paths` in the device's config.yaml.
+    #[serde(default)]
+    pub name: String,
 }
 
 /// One supervised process in `process_state`.
@@ -1090,6 +1108,8 @@ mod tests {
             json!({"type":"speed_test_result","payload":{"uploadMbps":12.5,"downloadMbps":30.0,"rttMs":40.0}}),
             json!({"type":"command_progress","correlationID":"cmd-1","payload":{"stream":"stdout","data":"total 8\n","offset":0}}),
             json!({"type":"docker_command","correlationID":"d-1","clientID":"boat-1","payload":{"action":"restart","container":"web"}}),
+            json!({"type":"process_command","correlationID":"pc-1","clientID":"boat-1","payload":{"action":"restart","name":"camera"}}),
+            json!({"type":"get_client_config","correlationID":"gc-1","clientID":"boat-1","payload":{}}),
             json!({"type":"process_state","payload":{"processes":[{"name":"autopilot","state":"restarting","restarts":2,"lastExit":"exit 3","restartAt":1732200004000.0,"since":1732200000000.0}]}}),
             json!({"type":"log","payload":{"process":"autopilot","stream":"stderr","line":"gps fix lost","timestamp":1732200000123.0}}),
             json!({"type":"safety_stop","payload":{"policy":"hold","reason":"link_lost","timestamp":1732200000000.0,"controller":"ana","late":true}}),
