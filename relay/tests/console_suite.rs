@@ -39,11 +39,17 @@ async fn the_console_does_what_pilots_and_admins_do() {
     // The suite has its own deadlines per step; this only guards against a hung browser.
     let out = tokio::time::timeout(Duration::from_secs(600), run)
         .await
-        .unwrap_or_else(|_| panic!("the console suite did not finish within 10 minutes; logs in {}", work.path().display()))
+        .unwrap_or_else(|_| {
+            panic!("the console suite did not finish within 10 minutes; logs in {}", work.path().display())
+        })
         .expect("node runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
-    assert!(out.status.success(), "the console suite failed:\n{stdout}\n{stderr}\nrelay log:\n{}", tail(&work.path().join("relay.log")));
+    assert!(
+        out.status.success(),
+        "the console suite failed:\n{stdout}\n{stderr}\nrelay log:\n{}",
+        tail(&work.path().join("relay.log"))
+    );
     assert!(stdout.contains("console suite: all steps passed"), "{stdout}\n{stderr}");
 }

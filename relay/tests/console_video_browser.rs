@@ -28,10 +28,9 @@
 //! `make test` installs chromium and playwright-core (see .ci/install-deps.sh).
 
 mod common;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use common::browser::*;
 use common::*;

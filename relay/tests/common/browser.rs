@@ -70,7 +70,10 @@ pub fn workspace_binary(root: &Path, package: &str, bin: &str, sources: &[&str])
         return path;
     }
     let Some(cargo) = std::env::var_os("CARGO") else {
-        panic!("{} is missing or older than its sources: run `cargo build -p {package} --bin {bin}` first", path.display());
+        panic!(
+            "{} is missing or older than its sources: run `cargo build -p {package} --bin {bin}` first",
+            path.display()
+        );
     };
     let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => "dev".to_owned(),
