@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Build: a C compiler for SQLite (bundled); curl for the demo's health wait.
-# Browser tests: Debian's chromium and fonts so pages render text.
+# Browser tests: Debian's chromium and firefox-esr (driven over WebDriver BiDi) and fonts so
+# pages render text.
 # Video: GStreamer's development files and the plugins for capture, encoding and RTP.
-PACKAGES=(build-essential pkg-config curl chromium fonts-dejavu-core
+PACKAGES=(build-essential pkg-config curl chromium firefox-esr fonts-dejavu-core
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-tools gstreamer1.0-x)
 
