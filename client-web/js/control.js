@@ -625,7 +625,8 @@ export class ControlPanel {
     this.lastSent = { throttle: round2(data.throttle), rudder: round2(data.rudder) };
     const n = this.sent;
     this.unanswered.set(n, Date.now());
-    this.ctx.request('app_command', { command: 'teleop', data: this.lastSent },
+    // `queue: false`: an offline device refuses it (target_offline) instead of getting it later.
+    this.ctx.request('app_command', { command: 'teleop', data: this.lastSent, queue: false },
       {
         clientID: this.deviceID,
         timeoutMs: TELEOP_TIMEOUT_MS,
@@ -661,7 +662,7 @@ export class ControlPanel {
         if (session !== this.session) return;
         this.unanswered.delete(n);
         this._guard(() => {
-          if (err && (err.code === 'not_controller' || err.code === 'forbidden' || err.code === 'unknown_target')) {
+          if (err && (err.code === 'not_controller' || err.code === 'forbidden' || err.code === 'unknown_target' || err.code === 'target_offline')) {
             this.lastResult = { ok: false, text: describeFailure(err) };
             if (err.code === 'not_controller') {
               this._lost('not_controller', `a teleop command was refused: ${describeFailure(err)}`);
@@ -684,7 +685,7 @@ export class ControlPanel {
   _sendRaw(data) {
     this.lastSent = data;
     this.sent++;
-    this.ctx.request('app_command', { command: 'teleop', data }, { clientID: this.deviceID, timeoutMs: TELEOP_TIMEOUT_MS })
+    this.ctx.request('app_command', { command: 'teleop', data, queue: false }, { clientID: this.deviceID, timeoutMs: TELEOP_TIMEOUT_MS })
       .catch(() => {});
     this.active = false;
     this.zeroLeft = 0;
