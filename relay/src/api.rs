@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -33,8 +33,6 @@ static SPEEDTEST_CHUNK: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// Name of the session cookie.
 pub const SESSION_COOKIE: &str = "tether_session";
-/// How long a login session lasts.
-pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 
 impl warp::reject::Reject for OpError {}
 
@@ -91,7 +89,8 @@ pub async fn operator_identity(
     } else if let Some(token) = cookie.filter(|c| !c.is_empty()) {
         let hash = auth::sha256_hex(&token);
         let h2 = hash.clone();
-        let op = relay.store.call(move |c| q::session_operator(c, &h2)).await?;
+        let max_age = relay.config.session_lifetime().as_millis() as i64;
+        let op = relay.store.call(move |c| q::session_operator(c, &h2, max_age)).await?;
         let Some(op) = op else { return Err(OpError::unauthorized("the session has ended; log in again")) };
         Identity {
             id: op.id,
@@ -438,10 +437,11 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
             let token = auth::random_hex(32);
             let hash = auth::sha256_hex(&token);
             let op_id = op.id.clone();
-            let expires = now_ms() + SESSION_TTL.as_millis() as i64;
-            relay.store.call(move |c| q::create_session(c, &hash, &op_id, expires)).await.map_err(|e| reject(e.into()))?;
-            let body = json!({"id": op.id, "username": op.username, "role": op.role.as_str(), "org": op.org_id, "expiresIn": SESSION_TTL.as_secs()});
-            let reply = warp::reply::with_header(warp::reply::json(&body), "set-cookie", session_cookie(&token, SESSION_TTL.as_secs(), relay.config.tls_cert.is_some()));
+            let ttl = relay.config.session_lifetime();
+            let ttl_ms = ttl.as_millis() as i64;
+            relay.store.call(move |c| q::create_session(c, &hash, &op_id, ttl_ms)).await.map_err(|e| reject(e.into()))?;
+            let body = json!({"id": op.id, "username": op.username, "role": op.role.as_str(), "org": op.org_id, "expiresIn": ttl.as_secs()});
+            let reply = warp::reply::with_header(warp::reply::json(&body), "set-cookie", session_cookie(&token, ttl.as_secs(), relay.config.tls_cert.is_some()));
             Ok::<_, Rejection>(reply.into_response())
         });
     let logout = warp::path!("api" / "auth" / "logout").and(warp::post()).and(op()).and_then(
@@ -481,6 +481,17 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
         warp::path!("api" / "me").and(warp::get()).and(op()).and_then(|_relay: Arc<Relay>, who: Identity| async move {
             ok(json!({"id": who.id, "username": who.name, "role": who.role.as_str(), "org": who.org}))
         });
+    let console_settings = warp::path!("api" / "console").and(warp::get()).and(op()).and_then(
+        |relay: Arc<Relay>, _who: Identity| async move {
+            let c = &relay.config;
+            ok(json!({
+                "mapTiles": c.console.map_tiles,
+                "mapAttribution": c.console.map_attribution,
+                "staleVideoMs": c.console.stale_video_ms,
+                "sessionTtlSecs": c.session_ttl,
+            }))
+        },
+    );
 
     // --- devices and presence ---------------------------------------------------------
     let devices = warp::path!("api" / "devices").and(warp::get()).and(op()).and_then(|relay: Arc<Relay>, who: Identity| async move {
@@ -492,7 +503,11 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
             let Some(level) = level else { continue };
             let online = relay.hub.is_online(&d.id);
             let lease = relay.leases.holder(&d.id).map(|(id, name)| json!({"holder": id, "holderName": name}));
-            list.push(json!({"id": d.id, "name": d.name, "online": online, "lastSeen": d.last_seen, "access": level.as_str(), "lease": lease}));
+            let mut entry = json!({"id": d.id, "name": d.name, "online": online, "lastSeen": d.last_seen, "access": level.as_str(), "lease": lease});
+            if let Value::Object(m) = &mut entry {
+                m.extend(crate::fleet::summary(&relay, &d.id, online));
+            }
+            list.push(entry);
         }
         ok(json!({ "devices": list }))
     });
@@ -1058,6 +1073,7 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
         ticket.boxed(),
         revoke_ticket.boxed(),
         me.boxed(),
+        console_settings.boxed(),
         devices.boxed(),
         presence.boxed(),
         create_device.boxed(),

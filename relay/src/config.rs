@@ -44,6 +44,12 @@ pub struct RelayConfig {
     /// Seconds a WebSocket ticket stays valid (`--ticket-ttl`, `TICKET_TTL`, default 30).
     #[arg(long, env = "TICKET_TTL", default_value_t = 30.0)]
     pub ticket_ttl: f64,
+    /// Seconds a password login session (`POST /api/auth/login`) lasts, 60 to 2592000 (30 days);
+    /// sessions older than this are refused, also ones made before it was shortened
+    /// (`--session-ttl`, `SESSION_TTL`, default 43200 = 12 h).
+    #[arg(long, env = "SESSION_TTL", default_value_t = DEFAULT_SESSION_TTL,
+          value_parser = clap::value_parser!(u64).range(SESSION_TTL_RANGE))]
+    pub session_ttl: u64,
     /// Seconds a new connection has to authenticate (`--auth-timeout`, `AUTH_TIMEOUT`, default 10).
     #[arg(long, env = "AUTH_TIMEOUT", default_value_t = 10.0)]
     pub auth_timeout: f64,
@@ -98,6 +104,112 @@ pub struct RelayConfig {
     /// Video: modes, the SFU and its reachability.
     #[command(flatten)]
     pub media: MediaConfig,
+    /// What the pilot console is told (`GET /api/console`).
+    #[command(flatten)]
+    pub console: ConsoleConfig,
+}
+
+/// Default of `--session-ttl`: 12 hours.
+pub const DEFAULT_SESSION_TTL: u64 = 12 * 3600;
+/// Allowed `--session-ttl`: a minute to 30 days.
+pub const SESSION_TTL_RANGE: std::ops::RangeInclusive<u64> = 60..=30 * 86_400;
+/// Allowed `--stale-video-ms`.
+pub const STALE_VIDEO_RANGE: std::ops::RangeInclusive<u64> = 200..=60_000;
+
+/// Settings the relay hands to the pilot console (`GET /api/console`, docs/api.md section 3),
+/// and the map tile server the console's page may load images from (docs/operations.md).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsoleConfig {
+    /// Map tile URL template for the console's map, http(s) with `{z}`, `{x}` and `{y}`, e.g.
+    /// `https://tile.openstreetmap.org/{z}/{x}/{y}.png`; its origin is added to the console
+    /// page's `img-src` (`--map-tiles`, `TETHER_MAP_TILES`, default none: no map tiles).
+    #[arg(long = "map-tiles", env = "TETHER_MAP_TILES", value_name = "URL", value_parser = parse_map_tiles)]
+    pub map_tiles: Option<String>,
+    /// Attribution shown under the map, e.g. `© OpenStreetMap contributors`
+    /// (`--map-attribution`, `TETHER_MAP_ATTRIBUTION`).
+    #[arg(long = "map-attribution", env = "TETHER_MAP_ATTRIBUTION", value_name = "TEXT")]
+    pub map_attribution: Option<String>,
+    /// Milliseconds without a new video frame before the console marks the video STALE,
+    /// 200 to 60000 (`--stale-video-ms`, `STALE_VIDEO_MS`, default 2000).
+    #[arg(long = "stale-video-ms", env = "STALE_VIDEO_MS", value_name = "N", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(STALE_VIDEO_RANGE))]
+    pub stale_video_ms: u64,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig { map_tiles: None, map_attribution: None, stale_video_ms: 2000 }
+    }
+}
+
+/// Checks a map tile URL template; returns it unchanged.
+pub fn parse_map_tiles(s: &str) -> Result<String, String> {
+    tile_origin(s).map(|_| s.to_owned())
+}
+
+/// The origin of a tile URL template as a CSP source: `scheme://host[:port]`, with a leading
+/// `{s}.` subdomain placeholder (Leaflet's) as `*.`. Errors say what is wrong.
+pub fn tile_origin(template: &str) -> Result<String, String> {
+    let fail = |why: &str| Err(format!("{template:?} is not a usable map tile URL: {why}"));
+    let lower = template.to_ascii_lowercase();
+    let scheme = if lower.starts_with("https://") {
+        "https"
+    } else if lower.starts_with("http://") {
+        "http"
+    } else {
+        return fail("it must start with http:// or https://");
+    };
+    if template.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, '\'' | '"' | ';' | ',')) {
+        return fail("it may not contain spaces, quotes, commas or semicolons");
+    }
+    for p in ["{z}", "{x}", "{y}"] {
+        if !template.contains(p) {
+            return fail(&format!("it needs the placeholders {{z}}, {{x}} and {{y}} ({p} is missing)"));
+        }
+    }
+    let rest = &template[scheme.len() + 3..];
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return fail("user names and passwords in the URL are not supported");
+    }
+    // `[v6]:port`, `[v6]`, `host:port` or `host`.
+    let (host, port) = match authority.find(']') {
+        Some(end) if authority.starts_with('[') => match &authority[end + 1..] {
+            "" => (authority, None),
+            tail => match tail.strip_prefix(':') {
+                Some(p) => (&authority[..=end], Some(p)),
+                None => return fail("the host name is missing or invalid"),
+            },
+        },
+        _ => match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    let (host, wildcard) = match host.strip_prefix("{s}.") {
+        Some(h) => (h, true),
+        None => (host, false),
+    };
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        !v6.is_empty() && v6.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+    } else {
+        !host.is_empty()
+            && host.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    };
+    if !host_ok {
+        return fail("the host name is missing or invalid");
+    }
+    if let Some(p) = port
+        && p.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return fail("the port is not a number from 1 to 65535");
+    }
+    let host = host.to_ascii_lowercase();
+    let host = if wildcard { format!("*.{host}") } else { host };
+    Ok(match port {
+        Some(p) => format!("{scheme}://{host}:{p}"),
+        None => format!("{scheme}://{host}"),
+    })
 }
 
 /// Video sessions and the relay's SFU (docs/protocol.md 4.13, docs/operations.md).
@@ -217,6 +329,7 @@ impl Default for RelayConfig {
             telemetry_buffer_size: 100,
             max_message_size: 1 << 20,
             ticket_ttl: 30.0,
+            session_ttl: DEFAULT_SESSION_TTL,
             auth_timeout: 10.0,
             telemetry_queue: 256,
             control_queue: 1024,
@@ -232,6 +345,7 @@ impl Default for RelayConfig {
             tls_key: None,
             admin_key: None,
             media: MediaConfig::default(),
+            console: ConsoleConfig::default(),
         }
     }
 }
@@ -274,5 +388,55 @@ impl RelayConfig {
     /// Authentication deadline.
     pub fn auth_deadline(&self) -> Duration {
         secs(self.auth_timeout)
+    }
+
+    /// Lifetime of a password login session.
+    pub fn session_lifetime(&self) -> Duration {
+        Duration::from_secs(self.session_ttl)
+    }
+
+    /// Checks what clap checks for the binary, for configurations built in code: the map tile
+    /// template and the ranges of `session_ttl` and `stale_video_ms`.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(t) = &self.console.map_tiles {
+            tile_origin(t)?;
+        }
+        if !SESSION_TTL_RANGE.contains(&self.session_ttl) {
+            return Err(format!("session_ttl {} is outside 60..=2592000 seconds", self.session_ttl));
+        }
+        if !STALE_VIDEO_RANGE.contains(&self.console.stale_video_ms) {
+            return Err(format!("stale_video_ms {} is outside 200..=60000", self.console.stale_video_ms));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tile_origin;
+
+    #[test]
+    fn tile_origins() {
+        let ok = |t: &str| tile_origin(t).unwrap();
+        assert_eq!(ok("https://tile.openstreetmap.org/{z}/{x}/{y}.png"), "https://tile.openstreetmap.org");
+        assert_eq!(ok("HTTP://Tiles.Example:8080/{z}/{x}/{y}.png?k=1"), "http://tiles.example:8080");
+        assert_eq!(ok("https://{s}.tile.example.org/{z}/{x}/{y}.png"), "https://*.tile.example.org");
+        assert_eq!(ok("http://[::1]:9000/t/{z}/{x}/{y}"), "http://[::1]:9000");
+        assert_eq!(ok("http://127.0.0.1/{z}/{y}/{x}.png"), "http://127.0.0.1");
+        for bad in [
+            "ftp://tiles.example/{z}/{x}/{y}.png",
+            "tiles.example/{z}/{x}/{y}.png",
+            "https://tiles.example/{z}/{x}.png",
+            "https:///{z}/{x}/{y}.png",
+            "https://tiles.example:0/{z}/{x}/{y}.png",
+            "https://tiles.example:http/{z}/{x}/{y}.png",
+            "https://u:p@tiles.example/{z}/{x}/{y}.png",
+            "https://evil.example; script-src *;/{z}/{x}/{y}",
+            "https://tiles.example/{z}/{x}/{y}.png' 'unsafe-inline",
+            "https://ti_les.example/{z}/{x}/{y}.png",
+        ] {
+            let e = tile_origin(bad).unwrap_err();
+            assert!(e.contains("not a usable map tile URL"), "{bad}: {e}");
+        }
     }
 }

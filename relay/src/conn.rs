@@ -35,6 +35,7 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use crate::Relay;
 use crate::access::{Level, required_level};
 use crate::auth::{self, Identity, Role};
+use crate::fleet::{BatterySampler, DeviceLink};
 use crate::hub::{Conn, Delivery, PendingRequest};
 use crate::leases::LeaseRefusal;
 use crate::limits::{ConnLimiter, Overrides};
@@ -380,6 +381,10 @@ struct Session {
     /// This connection's rate limits.
     limiter: ConnLimiter,
     end_reason: String,
+    /// For devices: last message and clock-sync round trip, for `GET /api/devices`.
+    link: Option<Arc<DeviceLink>>,
+    /// For devices: when the next telemetry frame may be read for its battery.
+    battery: BatterySampler,
 }
 
 impl Session {
@@ -393,6 +398,8 @@ impl Session {
             sync_pending: Vec::new(),
             limiter,
             end_reason: String::new(),
+            link: None,
+            battery: BatterySampler::new(Instant::now()),
         }
     }
 
@@ -455,6 +462,9 @@ impl Session {
             // describing the old clock until they left the window. The quick syncs after
             // connecting rebuild the estimate within a second; until then frames carry no age.
             relay.device_telemetry(&id.id).lock().clock = signaling::ClockSync::default();
+            let link = relay.links.of(&id.id);
+            link.connected(relay.started.elapsed());
+            self.link = Some(link);
             ops::announce_presence(&relay, &id.id, true, now);
             self.push("lease_state", relay.leases.state(&id.id, "current"));
             self.deliver_queued().await;
@@ -486,6 +496,9 @@ impl Session {
                     }
                     Some(Ok(m)) => {
                         self.last_rx = Instant::now();
+                        if let Some(link) = &self.link {
+                            link.heard(self.last_rx.saturating_duration_since(relay.started));
+                        }
                         if !self.on_message(m).await {
                             return;
                         }
@@ -699,10 +712,15 @@ impl Session {
         let device = &self.conn.identity.id;
         let now = relay.clock.now_ms();
         let stream = header.stream_name();
+        let battery = self.battery.sample(payload, self.last_rx);
         let (verdict, counters, estimate) = {
             let state = relay.device_telemetry(device);
             let mut st = state.lock();
             let (v, c) = st.sequences.observe_ref(stream, header.sequence, header.epoch.as_deref(), header.backfill);
+            st.health.verdict(v, stream, now);
+            if let Some(b) = battery {
+                st.health.battery(b, now);
+            }
             (v, c, st.clock.estimate(now))
         };
         use std::sync::atomic::Ordering::Relaxed;
@@ -764,8 +782,13 @@ impl Session {
                 self.sync_pending.remove(i);
                 let state = self.relay.device_telemetry(&self.me().id);
                 let added = state.lock().clock.add(r.t1, r.t2, r.t3, t4);
-                if let Err(e) = added {
-                    self.error(ErrorCode::InvalidPayload, e.to_string(), corr);
+                match added {
+                    Ok(sample) => {
+                        if let Some(link) = &self.link {
+                            link.rtt_sample(sample.rtt_ms);
+                        }
+                    }
+                    Err(e) => self.error(ErrorCode::InvalidPayload, e.to_string(), corr),
                 }
             }
             Body::Subscribe(s) if role.is_operator() => {
@@ -822,7 +845,9 @@ impl Session {
             }
             Body::WebRtc(w) if role.is_operator() => self.pilot_webrtc(w, corr, env.client_id, payload).await,
             Body::WebRtc(w) if role == Role::Device => self.device_webrtc(w, corr, env.client_id, payload).await,
-            Body::ProcessState(_) if role == Role::Device => {
+            Body::ProcessState(p) if role == Role::Device => {
+                let now = self.relay.clock.now_ms();
+                self.relay.device_telemetry(&self.me().id).lock().health.process_state(&p, now);
                 let text = message::encode_routed(ty, corr.as_deref(), None, &self.me().id, payload);
                 let n = self.relay.hub.publish_process_state(&self.me().id, Utf8Bytes::from(text));
                 self.relay.metrics.count_out(type_index(ty), n as u64);
@@ -839,6 +864,13 @@ impl Session {
                 self.relay.hub.notify_subscribers(&device, Utf8Bytes::from(text));
                 self.relay.metrics.count_out(type_index(ty), 1);
                 tracing::warn!(%device, policy = %stop.policy, reason = %stop.reason, late = stop.late, "safety stop");
+                {
+                    let now = self.relay.clock.now_ms();
+                    let state = self.relay.device_telemetry(&device);
+                    let mut st = state.lock();
+                    let clock = st.clock.estimate(now);
+                    st.health.safety_stop(&stop, now, clock);
+                }
                 let detail = json!({
                     "policy": stop.policy,
                     "reason": stop.reason,

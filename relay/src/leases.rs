@@ -145,8 +145,14 @@ impl Leases {
         .to_json()
     }
 
-    /// Tells the device and its subscribers who holds the lease now.
+    /// Tells the device and its subscribers who holds the lease now. A new holder (`acquired`,
+    /// `takeover`) also ends the device's `safety_stop` alert: the robot's stop is cleared then.
     pub fn announce(&self, relay: &Relay, org: &str, device: &str, reason: &str) {
+        if matches!(reason, "acquired" | "takeover")
+            && let Some(t) = relay.peek_device_telemetry(device)
+        {
+            t.lock().health.lease_taken();
+        }
         let text = Utf8Bytes::from(self.state(device, reason));
         relay.hub.notify_subscribers(device, text.clone());
         relay.hub.send_to(org, device, text);

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod console;
+pub mod fleet;
 pub mod hub;
 pub mod leases;
 pub mod limits;
@@ -74,6 +75,8 @@ pub struct DeviceTelemetry {
     pub sequences: SequenceTracker<String>,
     /// Clock offset estimation against this relay.
     pub clock: ClockSync,
+    /// Battery, gaps, safety stop and failing processes, for `GET /api/devices`.
+    pub health: fleet::Health,
 }
 
 /// Everything a relay process shares between connections and handlers.
@@ -111,8 +114,10 @@ pub struct Relay {
     pub shutdown: CancellationToken,
     /// Every connection and background task, awaited at shutdown.
     pub tasks: TaskTracker,
-    /// When the relay started, for `/health`.
+    /// When the relay started, for `/health`; also the time base of [`fleet::DeviceLink`].
     pub started: Instant,
+    /// Each device's link state (last message, clock-sync round trip), for `GET /api/devices`.
+    pub links: fleet::Links,
     devices: Mutex<HashMap<String, Arc<Mutex<DeviceTelemetry>>>>,
     last_seen: Mutex<HashMap<String, i64>>,
     next_conn: AtomicU64,
@@ -152,6 +157,7 @@ impl Relay {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             started: Instant::now(),
+            links: fleet::Links::default(),
             devices: Mutex::new(HashMap::new()),
             last_seen: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -166,6 +172,11 @@ impl Relay {
     /// The telemetry state of `device`, created on first use.
     pub fn device_telemetry(&self, device: &str) -> Arc<Mutex<DeviceTelemetry>> {
         self.devices.lock().entry(device.to_owned()).or_default().clone()
+    }
+
+    /// The telemetry state of `device`, if it has any (nothing is created).
+    pub fn peek_device_telemetry(&self, device: &str) -> Option<Arc<Mutex<DeviceTelemetry>>> {
+        self.devices.lock().get(device).cloned()
     }
 
     /// Notes that `device` was connected at `at_ms`; written to the store in batches.

@@ -85,13 +85,19 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (impl Reply,), Error =
 
     // Matches any method so that unknown paths are 404 (a GET-only filter would turn every
     // non-GET request to an unknown path into a 405).
+    // With `--map-tiles`, the tile server's origin is allowed as an image source of the page.
+    let img_origin: Arc<Option<String>> =
+        Arc::new(relay.config.console.map_tiles.as_deref().and_then(|t| crate::config::tile_origin(t).ok()));
     let console =
-        warp::method().and(warp::path::full()).and_then(|m: warp::http::Method, p: warp::path::FullPath| async move {
-            let path = p.as_str();
-            if m != warp::http::Method::GET || path.starts_with("/api/") || !crate::console::has(path) {
-                return Err(warp::reject::not_found());
+        warp::method().and(warp::path::full()).and_then(move |m: warp::http::Method, p: warp::path::FullPath| {
+            let img_origin = img_origin.clone();
+            async move {
+                let path = p.as_str();
+                if m != warp::http::Method::GET || path.starts_with("/api/") || !crate::console::has(path) {
+                    return Err(warp::reject::not_found());
+                }
+                Ok(crate::console::serve(path, img_origin.as_deref()))
             }
-            Ok(crate::console::serve(path))
         });
 
     health

@@ -17,6 +17,9 @@ use crate::{Relay, RelayConfig, routes};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
+    /// A setting is out of range or malformed (the binary's flag parser catches these first).
+    #[error("invalid configuration: {0}")]
+    Config(String),
     /// The database could not be opened or initialised.
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
@@ -95,6 +98,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Opens the store, binds the port and starts serving. Returns once the relay is listening.
 pub async fn start(config: RelayConfig) -> Result<RunningRelay, StartError> {
+    config.validate().map_err(StartError::Config)?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(crate::tls::load(cert, key)?),
         _ => None,

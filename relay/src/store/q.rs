@@ -261,21 +261,25 @@ pub fn revoke_api_key(c: &Connection, org_id: &str, key_id: &str) -> Result<Opti
     Ok(op)
 }
 
-/// Stores a login session (by the hash of its token).
-pub fn create_session(c: &Connection, id_hash: &str, operator_id: &str, expires_at: i64) -> Result<(), StoreError> {
+/// Stores a login session (by the hash of its token) that ends `ttl_ms` from now.
+pub fn create_session(c: &Connection, id_hash: &str, operator_id: &str, ttl_ms: i64) -> Result<(), StoreError> {
+    let now = now_ms();
     c.execute(
         "INSERT INTO sessions (id, operator_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-        params![id_hash, operator_id, now_ms(), expires_at],
+        params![id_hash, operator_id, now, now + ttl_ms],
     )?;
     Ok(())
 }
 
-/// The operator of a live session.
-pub fn session_operator(c: &Connection, id_hash: &str) -> Result<Option<OperatorRow>, StoreError> {
+/// The operator of a live session: not revoked, not past its expiry, and not older than
+/// `max_age_ms` (the current `--session-ttl`, so shortening it also ends older sessions).
+pub fn session_operator(c: &Connection, id_hash: &str, max_age_ms: i64) -> Result<Option<OperatorRow>, StoreError> {
+    let now = now_ms();
     Ok(c.query_row(
         "SELECT o.id, o.org_id, o.username, o.role FROM sessions s JOIN operators o ON o.id = s.operator_id
-         WHERE s.id = ?1 AND s.revoked_at IS NULL AND s.expires_at > ?2 AND o.disabled_at IS NULL",
-        params![id_hash, now_ms()],
+         WHERE s.id = ?1 AND s.revoked_at IS NULL AND s.expires_at > ?2 AND s.created_at > ?3
+           AND o.disabled_at IS NULL",
+        params![id_hash, now, now - max_age_ms],
         |r| operator_from_row(r, 0),
     )
     .optional()?)
