@@ -91,6 +91,17 @@ const WITH_RESULT: &[&str] = &[
     "speed_test",
     "app_command",
 ];
+/// Whether a request says `"queue": false` in its payload: for an offline device it wants
+/// `target_offline` now rather than a delivery later (teleop, which would be dangerous late).
+fn refuses_queue(payload: Option<&RawValue>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Queue {
+        #[serde(default)]
+        queue: Option<bool>,
+    }
+    payload.and_then(|p| serde_json::from_str::<Queue>(p.get()).ok()).is_some_and(|q| q.queue == Some(false))
+}
+
 /// Replies that end a request: they stop its deadline and clear a queued copy. Other replies
 /// (`command_progress`, `webrtc`) are routed the same way but leave the request open.
 const FINAL_REPLIES: &[&str] = &["command_output", "command_result", "speed_test_result"];
@@ -1289,7 +1300,9 @@ impl Session {
                 }
                 self.ack("delivered", corr, None, None);
             }
-            Delivery::NotConnected if QUEUEABLE.contains(&ty) => self.enqueue(ty, corr, &target, text).await,
+            Delivery::NotConnected if QUEUEABLE.contains(&ty) && !refuses_queue(payload) => {
+                self.enqueue(ty, corr, &target, text).await
+            }
             Delivery::NotConnected => self.error(ErrorCode::TargetOffline, format!("{target} is not connected"), corr),
         }
     }

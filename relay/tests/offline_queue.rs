@@ -109,3 +109,33 @@ async fn per_org_limits_apply() {
     let _ = Duration::ZERO;
     r.stop().await;
 }
+
+/// `"queue": false` (teleop: a stick command must never arrive late): an offline device gives
+/// `target_offline` at once and nothing is stored; the same request without it is queued, and
+/// only that one reaches the device at its login.
+#[tokio::test]
+async fn a_request_that_refuses_the_queue_is_not_stored() {
+    let r = start_relay().await;
+    let secret = r.create_device("boat-1", "default");
+    let mut p = r.operator(&r.admin_key).await;
+    p.send(json!({"type":"lease_acquire","correlationID":"l1","payload":{"deviceID":"boat-1"}})).await;
+    assert_eq!(p.recv_type("ack").await["payload"]["status"], "ok");
+    let teleop = |corr: &str, queue: Option<bool>| {
+        let mut payload = json!({"command":"teleop","data":{"throttle":0.5,"rudder":0.0}});
+        if let Some(q) = queue {
+            payload["queue"] = json!(q);
+        }
+        json!({"type":"app_command","correlationID":corr,"clientID":"boat-1","payload":payload})
+    };
+    p.send(teleop("t1", Some(false))).await;
+    let err = p.recv_type("error").await;
+    assert_eq!(err["correlationID"], "t1");
+    assert_eq!(err["payload"]["code"], "target_offline", "{err}");
+    p.send(teleop("t2", Some(true))).await;
+    let ack = p.recv_type("ack").await;
+    assert_eq!((ack["correlationID"].as_str(), ack["payload"]["status"].as_str()), (Some("t2"), Some("queued")));
+    assert_eq!(ack["payload"]["queueDepth"], 1, "t1 was not stored");
+    let mut dev = r.device("boat-1", &secret).await;
+    let m = dev.recv_type("app_command").await;
+    assert_eq!(m["correlationID"], "t2", "the refused t1 was never stored, so t2 comes first");
+}
