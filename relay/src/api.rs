@@ -503,7 +503,7 @@ pub fn routes(relay: Arc<Relay>) -> BoxedFilter<(warp::reply::Response,)> {
             let Some(level) = level else { continue };
             let online = relay.hub.is_online(&d.id);
             let lease = relay.leases.holder(&d.id).map(|(id, name)| json!({"holder": id, "holderName": name}));
-            let mut entry = json!({"id": d.id, "name": d.name, "online": online, "lastSeen": d.last_seen, "access": level.as_str(), "lease": lease});
+            let mut entry = json!({"id": d.id, "name": d.name, "online": online, "lastSeen": d.last_seen, "group": d.group, "access": level.as_str(), "lease": lease});
             if let Value::Object(m) = &mut entry {
                 m.extend(crate::fleet::summary(&relay, &d.id, online));
             }

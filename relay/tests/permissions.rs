@@ -57,6 +57,12 @@ async fn every_role_and_level_against_every_device_message() {
     let (s, _) =
         admin_call(&r, reqwest::Method::PUT, "/api/devices/boat-1/group", Some(json!({"group":"harbour"}))).await;
     assert_eq!(s, 200);
+    // The device list shows each device's group (null without one).
+    let (_, list) = r.get_json("/api/devices", Some(&r.admin_key)).await;
+    let group_of =
+        |id: &str| list["devices"].as_array().unwrap().iter().find(|d| d["id"] == id).unwrap()["group"].clone();
+    assert_eq!(group_of("boat-1"), "harbour");
+    assert_eq!(group_of("boat-2"), serde_json::Value::Null);
 
     let rank = |l: &str| ["view", "control", "admin"].iter().position(|x| *x == l).unwrap();
     let operators: Vec<(&str, &str, Option<&str>)> = vec![

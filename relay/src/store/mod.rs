@@ -91,6 +91,8 @@ pub struct DeviceRow {
     pub name: String,
     /// Last time the device was seen connected, ms since the Unix epoch.
     pub last_seen: Option<i64>,
+    /// Its permission group, if any (filled by `q::list_devices`; `None` elsewhere).
+    pub group: Option<String>,
 }
 
 /// An operator row.

@@ -50,7 +50,12 @@ pub fn device_credentials(c: &Connection, id: &str) -> Result<Option<(DeviceRow,
     Ok(c.query_row(
         "SELECT id, org_id, name, last_seen, secret_hash FROM devices WHERE id = ?1 AND revoked_at IS NULL",
         params![id],
-        |r| Ok((DeviceRow { id: r.get(0)?, org_id: r.get(1)?, name: r.get(2)?, last_seen: r.get(3)? }, r.get(4)?)),
+        |r| {
+            Ok((
+                DeviceRow { id: r.get(0)?, org_id: r.get(1)?, name: r.get(2)?, last_seen: r.get(3)?, group: None },
+                r.get(4)?,
+            ))
+        },
     )
     .optional()?)
 }
@@ -58,10 +63,10 @@ pub fn device_credentials(c: &Connection, id: &str) -> Result<Option<(DeviceRow,
 /// Devices of an organisation.
 pub fn list_devices(c: &Connection, org_id: &str) -> Result<Vec<DeviceRow>, StoreError> {
     let mut st = c.prepare_cached(
-        "SELECT id, org_id, name, last_seen FROM devices WHERE org_id = ?1 AND revoked_at IS NULL ORDER BY name, id",
+        "SELECT id, org_id, name, last_seen, group_name FROM devices WHERE org_id = ?1 AND revoked_at IS NULL ORDER BY name, id",
     )?;
     let rows = st.query_map(params![org_id], |r| {
-        Ok(DeviceRow { id: r.get(0)?, org_id: r.get(1)?, name: r.get(2)?, last_seen: r.get(3)? })
+        Ok(DeviceRow { id: r.get(0)?, org_id: r.get(1)?, name: r.get(2)?, last_seen: r.get(3)?, group: r.get(4)? })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
