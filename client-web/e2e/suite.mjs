@@ -253,6 +253,11 @@ await step('revoked-operator-kicked-out', async () => {
 
 await step('admin-screens', async () => {
   await admin.adminTabsLoad(page, env);
+  // A screenshot of every admin tab.
+  for (const tab of ['devices', 'operators', 'keys', 'handshake', 'permissions', 'deny', 'audit']) {
+    await admin.openAdminTab(page, env, tab);
+    await page.screenshot({ path: h.shotPath(`admin-${tab}`), fullPage: true });
+  }
 });
 
 await step('logout', async () => {
