@@ -162,6 +162,58 @@ struct Waiting {
     deadline: Instant,
 }
 
+/// An app command that arrived while no robot software was connected, held for one to
+/// connect (see [`Agent::may_hold`]).
+#[derive(Debug)]
+struct Held {
+    /// The ID the robot will see (the relay's correlation ID, or `agent-<n>`).
+    local_id: String,
+    /// The relay's correlation ID (None if the request had none).
+    correlation_id: Option<String>,
+    from: Option<String>,
+    command: String,
+    data: Value,
+    /// When it arrived; `deadline` is `commands.appCommandTimeout` later.
+    arrived: Instant,
+    deadline: Instant,
+}
+
+/// What the relay's envelope says about how a request reached the agent beyond what
+/// [`message::decode_from_relay`] keeps: the offline queue's top-level mark (protocol 12.3) and
+/// a payload's `"queue": false` (the sender wants no late delivery, protocol 4.20).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Delivery {
+    /// `"_offline_queued": true`: pushed from the relay's offline queue at this login.
+    offline_queued: bool,
+    /// `"queue": false` in the payload.
+    refuses_lateness: bool,
+}
+
+impl Delivery {
+    /// Reads the marks from a message's text (anything unreadable counts as unmarked).
+    fn of(text: &str) -> Delivery {
+        #[derive(serde::Deserialize)]
+        struct Marks {
+            #[serde(rename = "_offline_queued", default)]
+            offline_queued: Value,
+            #[serde(default)]
+            payload: PayloadMarks,
+        }
+        #[derive(serde::Deserialize, Default)]
+        struct PayloadMarks {
+            #[serde(default)]
+            queue: Value,
+        }
+        match serde_json::from_str::<Marks>(text) {
+            Ok(m) => Delivery {
+                offline_queued: m.offline_queued == Value::Bool(true),
+                refuses_lateness: m.payload.queue == Value::Bool(false),
+            },
+            Err(_) => Delivery::default(),
+        }
+    }
+}
+
 /// Everything the loop waits for, in one place.
 enum Event {
     Cancelled,
@@ -208,6 +260,13 @@ pub struct Agent {
     dedupe: Dedupe,
     safety: Safety,
     waiting: HashMap<String, Waiting>,
+    /// App commands waiting for robot software to connect, in arrival order.
+    held: VecDeque<Held>,
+    /// When the agent started running (app commands may wait for the robot software's first
+    /// connection this long after it).
+    started: Instant,
+    /// Whether robot software has connected since the agent started.
+    robot_seen: bool,
     local_ids: u64,
     /// Shared with the tasks that carry out `process_command` (a stop can take seconds).
     supervisor: Option<std::sync::Arc<Supervisor>>,
@@ -254,6 +313,9 @@ impl Agent {
             log_budget: (Instant::now(), 0),
             logs_dropped: 0,
             waiting: HashMap::new(),
+            held: VecDeque::new(),
+            started: Instant::now(),
+            robot_seen: false,
             local_ids: 0,
             supervisor: None,
             local: Vec::new(),
@@ -293,6 +355,7 @@ impl Agent {
                 _ = cancel.cancelled() => return Ok(()),
             }
         }
+        self.started = Instant::now();
         let (internal_tx, mut internal_rx) = mpsc::channel(1024);
         self.internal = Some(internal_tx);
         let (local_tx, mut local_rx) = mpsc::channel(1024);
@@ -392,7 +455,7 @@ impl Agent {
             }
             let dead_after = Duration::from_secs_f64(self.config.connection_timeout);
             let safety_due = self.safety.next_deadline();
-            let app_due = self.waiting.values().map(|w| w.deadline).min();
+            let app_due = self.waiting.values().map(|w| w.deadline).chain(self.held.iter().map(|h| h.deadline)).min();
             let link = self.link.as_mut();
             let dead_at = link.as_ref().map(|l| l.last_rx + dead_after);
             let wants_flush = !self.pending.is_empty() || !self.pending_logs.is_empty();
@@ -794,13 +857,19 @@ impl Agent {
             }
             Body::Pong(_) | Body::AuthOk(_) | Body::Presence(_) | Body::Ack(_) => {}
             Body::WebRtc(w) => self.on_webrtc(w, from),
-            body => self.on_request(body, corr, from).await,
+            body => {
+                let delivery = match body {
+                    Body::AppCommand(_) => Delivery::of(text),
+                    _ => Delivery::default(),
+                };
+                self.on_request(body, corr, from, delivery).await
+            }
         }
     }
 
     /// Requests from operators. Each is answered exactly once per correlation ID: a
     /// redelivered request gets the stored answer instead of running again.
-    async fn on_request(&mut self, body: Body, corr: Option<String>, from: Option<String>) {
+    async fn on_request(&mut self, body: Body, corr: Option<String>, from: Option<String>, delivery: Delivery) {
         let ty = body.type_name();
         if let Some(c) = &corr {
             match self.dedupe.begin(c) {
@@ -848,20 +917,42 @@ impl Agent {
                 }
             },
             Body::AppCommand(a) => {
+                if let Some(c) = &corr
+                    && (self.waiting.contains_key(c) || self.held.iter().any(|h| h.local_id == *c))
+                {
+                    // Only if the dedupe memory forgot it while it waited: still one delivery.
+                    tracing::info!(correlation = %c, "app_command redelivered while still waiting; its result will follow");
+                    return;
+                }
                 if self.robots_connected() == 0 {
+                    if let Some(why) = self.may_hold(delivery) {
+                        let local_id = self.local_id(&corr);
+                        let timeout = self.config.commands.app_command_timeout.value;
+                        tracing::info!(
+                            correlation = %local_id, command = %a.command,
+                            "no robot software connected yet ({why}); holding the app command for up to {} s until one connects",
+                            timeout.as_secs_f64()
+                        );
+                        let arrived = Instant::now();
+                        self.held.push_back(Held {
+                            local_id,
+                            correlation_id: corr,
+                            from,
+                            command: a.command,
+                            data: a.data,
+                            arrived,
+                            deadline: arrived + timeout,
+                        });
+                        return;
+                    }
                     let msg = "no robot software is connected to the agent's local socket (telemetry.unixSocket)";
                     self.finish(corr, from, failure(ErrorCode::RobotUnavailable, msg.into()));
                     return;
                 }
-                let local_id = corr.clone().unwrap_or_else(|| {
-                    self.local_ids += 1;
-                    format!("agent-{}", self.local_ids)
-                });
-                self.broadcast(&json!({
-                    "type": "app_command", "correlationID": local_id, "command": a.command, "data": a.data, "from": from,
-                }));
-                let deadline = Instant::now() + self.config.commands.app_command_timeout.value;
-                self.waiting.insert(local_id, Waiting { correlation_id: corr, from, deadline });
+                // Anything still held goes first, so the robot sees commands in arrival order.
+                self.release_held();
+                let local_id = self.local_id(&corr);
+                self.pass_to_robot(local_id, corr, from, a.command, a.data);
             }
             Body::UpdateClientConfig(u) => {
                 let result = self.update_config(u.config).await;
@@ -990,6 +1081,64 @@ impl Agent {
         }
     }
 
+    /// Whether an app command that finds no robot software connected may wait for it, and why.
+    /// It may if it comes from the relay's offline queue (it was sent while the link was down,
+    /// the robot may be starting with the agent), or if the robot software has not connected
+    /// since the agent started and that was less than `commands.appCommandTimeout` ago, unless
+    /// its sender refused late delivery (`"queue": false`, teleop). Never without a robot
+    /// socket. A live command while the robot software has come and gone is refused at once.
+    fn may_hold(&self, delivery: Delivery) -> Option<&'static str> {
+        if self.local.iter().all(|l| l.unix_path().is_none()) {
+            return None;
+        }
+        if delivery.offline_queued {
+            return Some("queued while offline");
+        }
+        let starting = !self.robot_seen && self.started.elapsed() < self.config.commands.app_command_timeout.value;
+        (starting && !delivery.refuses_lateness).then_some("the agent is starting")
+    }
+
+    /// The correlation ID the robot sees: the relay's, or a fresh `agent-<n>`.
+    fn local_id(&mut self, corr: &Option<String>) -> String {
+        corr.clone().unwrap_or_else(|| {
+            self.local_ids += 1;
+            format!("agent-{}", self.local_ids)
+        })
+    }
+
+    /// Hands an app command to the robot software and waits `commands.appCommandTimeout` for
+    /// its answer.
+    fn pass_to_robot(
+        &mut self,
+        local_id: String,
+        corr: Option<String>,
+        from: Option<String>,
+        command: String,
+        data: Value,
+    ) {
+        self.broadcast(&json!({
+            "type": "app_command", "correlationID": local_id, "command": command, "data": data, "from": from,
+        }));
+        let deadline = Instant::now() + self.config.commands.app_command_timeout.value;
+        self.waiting.insert(local_id, Waiting { correlation_id: corr, from, deadline });
+    }
+
+    /// Passes the held app commands, oldest first, to the robot software, if any is connected
+    /// (those whose time ran out are answered first).
+    fn release_held(&mut self) {
+        if self.held.is_empty() || self.robots_connected() == 0 {
+            return;
+        }
+        self.expire_app_commands();
+        for h in std::mem::take(&mut self.held) {
+            tracing::info!(
+                correlation = %h.local_id, command = %h.command, waited_ms = h.arrived.elapsed().as_millis() as u64,
+                "passing a held app command to the robot software"
+            );
+            self.pass_to_robot(h.local_id, h.correlation_id, h.from, h.command, h.data);
+        }
+    }
+
     fn internal_tx(&self) -> mpsc::Sender<Internal> {
         match &self.internal {
             Some(tx) => tx.clone(),
@@ -1030,10 +1179,12 @@ impl Agent {
             }
             LocalEvent::RobotConnected { name } => {
                 tracing::info!(name = ?name, "robot software connected to the local socket");
-                // A robot that (re)connects during a stop must hear about it.
+                self.robot_seen = true;
+                // A robot that (re)connects during a stop must hear about it, before any command.
                 if let Some(s) = self.safety.active().cloned() {
                     self.broadcast(&safety_json(&s));
                 }
+                self.release_held();
             }
             LocalEvent::RobotDisconnected => tracing::warn!("robot software disconnected from the local socket"),
         }
@@ -1050,6 +1201,17 @@ impl Agent {
                 tracing::warn!("{msg}");
                 self.finish(w.correlation_id, w.from, failure(ErrorCode::RobotUnavailable, msg));
             }
+        }
+        while let Some(i) = self.held.iter().position(|h| h.deadline <= now) {
+            let Some(h) = self.held.remove(i) else { break };
+            let msg = format!(
+                "app command {} waited {} s for robot software on the agent's local socket (telemetry.unixSocket {}); none connected",
+                h.local_id,
+                (h.deadline - h.arrived).as_secs_f64(),
+                self.local.iter().find_map(|l| l.unix_path()).map(|p| p.display().to_string()).unwrap_or_default(),
+            );
+            tracing::warn!("{msg}");
+            self.finish(h.correlation_id, h.from, failure(ErrorCode::RobotUnavailable, msg));
         }
     }
 
@@ -1498,6 +1660,17 @@ mod tests {
         assert_eq!(redacted_config(&c).unwrap()["handshakeKey"], REDACTED);
         assert!(writes_redacted(&json!({"video": {"iceServers": [{"urls": [], "credential": REDACTED}]}})));
         assert!(!writes_redacted(&json!({"logLevel": "debug"})));
+    }
+
+    #[test]
+    fn the_offline_queue_mark_and_queue_false_are_read_from_the_envelope() {
+        let queued = r#"{"_offline_queued":true,"type":"app_command","correlationID":"q1","clientID":"boat-1","from":"op-1","payload":{"command":"set_waypoints","data":{"waypoints":[]}}}"#;
+        assert_eq!(Delivery::of(queued), Delivery { offline_queued: true, refuses_lateness: false });
+        let teleop = r#"{"type":"app_command","from":"op-1","payload":{"command":"teleop","data":{"queue":true},"queue":false}}"#;
+        assert_eq!(Delivery::of(teleop), Delivery { offline_queued: false, refuses_lateness: true });
+        let odd = r#"{"_offline_queued":"yes","type":"app_command","payload":{"command":"x","queue":0}}"#;
+        assert_eq!(Delivery::of(odd), Delivery::default(), "only true and false count");
+        assert_eq!(Delivery::of("not json"), Delivery::default());
     }
 
     #[test]

@@ -806,10 +806,13 @@ impl Conn {
         }
         match decode(line) {
             Ok(Inbound::Hello { name }) => {
+                // `welcome` is queued before the agent hears of the robot, so it comes before
+                // anything the agent sends on hearing of it (held app commands, a safety stop).
+                self.reply(&json!({"type": "welcome", "agent": concat!("tether-device ", env!("CARGO_PKG_VERSION"))}))?;
                 if !self.announced {
                     self.announce(name).await;
                 }
-                self.reply(&json!({"type": "welcome", "agent": concat!("tether-device ", env!("CARGO_PKG_VERSION"))}))
+                Ok(())
             }
             Ok(Inbound::Event(ev)) => {
                 if !self.announced {

@@ -379,11 +379,15 @@ async fn app_commands_reach_the_robot_and_a_silent_controller_stops_it() {
     let mut p = pilot(addr, &key).await;
     recv_type(&mut p, "subscribed").await;
 
-    // No robot software yet: a clear refusal.
+    // No robot software yet: a command that must not arrive late (teleop, `"queue": false`) is
+    // refused at once, although the agent has just started (other commands would wait a while
+    // for the robot's first connection: see the next test).
     send(&mut p, json!({"type":"lease_acquire","correlationID":"l1","payload":{"deviceID":"boat-7"}})).await;
     recv_until(&mut p, "lease ack", |v| v["correlationID"] == "l1").await;
-    let (_, r) = request(&mut p, "app_command", "a0", json!({"command":"set_waypoint","data":{"latitude":37.8}})).await;
+    let teleop = json!({"command":"teleop","data":{"throttle":0.4},"queue":false});
+    let (_, r) = request(&mut p, "app_command", "a0", teleop).await;
     assert_eq!(r["payload"]["code"], "robot_unavailable", "{r}");
+    assert!(r["payload"]["error"].as_str().unwrap().contains("no robot software is connected"), "{r}");
 
     let mut robot = Robot::connect(dir.path()).await;
     agent.wait_for_log("robot software connected").await;
@@ -414,6 +418,120 @@ async fn app_commands_reach_the_robot_and_a_silent_controller_stops_it() {
     send(&mut p, json!({"type":"lease_acquire","correlationID":"l2","payload":{"deviceID":"boat-7"}})).await;
     let clear = robot.recv_type("safety_clear").await;
     assert_eq!(clear["reason"], "lease_acquired");
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The pilot takes boat-7's lease while the boat is off and sends it waypoints; the relay
+/// queues them. Returns the pilot's connection and the waypoints.
+async fn queue_waypoints(addr: std::net::SocketAddr, key: &str, corr: &str) -> (Ws, Value) {
+    let mut p = pilot(addr, key).await;
+    recv_type(&mut p, "subscribed").await;
+    send(&mut p, json!({"type":"lease_acquire","correlationID":"l-off","payload":{"deviceID":"boat-7"}})).await;
+    let ack = recv_until(&mut p, "lease ack", |v| v["correlationID"] == "l-off").await;
+    assert_eq!(ack["payload"]["status"], "ok", "{ack}");
+    let waypoints =
+        json!({"waypoints":[{"latitude":37.7749,"longitude":-122.4194},{"latitude":37.7801,"longitude":-122.4312}]});
+    send(
+        &mut p,
+        json!({"type":"app_command","correlationID":corr,"clientID":"boat-7",
+        "payload":{"command":"set_waypoints","data":waypoints}}),
+    )
+    .await;
+    let ack = recv_until(&mut p, "queued ack", |v| v["correlationID"] == corr).await;
+    assert_eq!((ack["type"].as_str(), ack["payload"]["status"].as_str()), (Some("ack"), Some("queued")), "{ack}");
+    (p, waypoints)
+}
+
+#[tokio::test]
+async fn queued_app_commands_wait_for_the_robot_software_to_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), 0).await;
+    let addr = running.addr;
+    let (secret, key) = fleet(&running, "control");
+    let cfg = config(dir.path(), addr, &secret, free_udp_port(), "commands:\n  appCommandTimeout: \"20s\"\n");
+    let (p, waypoints) = queue_waypoints(addr, &key, "q1").await;
+
+    // The boat powers up: the agent logs in and gets the queued command before the robot's
+    // program (which starts at the same time) is on the socket. The command waits for it.
+    let mut agent = RunningAgent::spawn(&cfg, &[]);
+    agent.wait_for_log("authenticated with the relay").await;
+    let held = agent.wait_for_log("holding the app command").await;
+    assert!(held.contains("queued while offline") && held.contains("q1"), "{held}");
+
+    // The relay restarts meanwhile and pushes the still unanswered command again at the next
+    // login: it is the same command, not held twice.
+    drop(p);
+    running.shutdown(Duration::from_secs(5)).await;
+    agent.wait_for_log("relay link lost").await;
+    let running = start(dir.path(), addr.port()).await;
+    agent.wait_for_log("authenticated with the relay").await;
+    agent.wait_for_log("app_command redelivered while still running").await;
+    let mut p = pilot(addr, &key).await;
+    recv_type(&mut p, "subscribed").await;
+
+    // The robot's program comes up: it gets the waypoints, once, and the pilot its answer.
+    let mut robot = Robot::connect(dir.path()).await;
+    let cmd = robot.recv_type("app_command").await;
+    assert_eq!((cmd["correlationID"].as_str(), cmd["command"].as_str()), (Some("q1"), Some("set_waypoints")));
+    assert_eq!(cmd["data"], waypoints);
+    assert_eq!(cmd["from"], "op-p");
+    robot.send(json!({"type":"command_result","correlationID":"q1","ok":true,"data":{"waypoints":2}})).await;
+    let r = recv_until(&mut p, "q1 result", |v| v["correlationID"] == "q1" && v["type"] == "command_result").await;
+    assert_eq!(r["payload"]["ok"], true, "{r}");
+    assert_eq!(r["payload"]["data"]["waypoints"], 2);
+    agent.wait_for_log("passing a held app command to the robot software").await;
+    // The next command the robot hears is the next one sent, not the held one again.
+    send(&mut p, json!({"type":"lease_acquire","correlationID":"l2","payload":{"deviceID":"boat-7"}})).await;
+    recv_until(&mut p, "lease ack", |v| v["correlationID"] == "l2").await;
+    send(&mut p, json!({"type":"app_command","correlationID":"q2","clientID":"boat-7","payload":{"command":"resume"}}))
+        .await;
+    let cmd = robot.recv_type("app_command").await;
+    assert_eq!(cmd["correlationID"], "q2", "{cmd}");
+    robot.send(json!({"type":"command_result","correlationID":"q2","ok":true})).await;
+    let r = recv_until(&mut p, "q2 result", |v| v["correlationID"] == "q2" && v["type"] == "command_result").await;
+    assert_eq!(r["payload"]["ok"], true, "{r}");
+
+    // The robot's program goes away: a live command is refused at once, never delivered late.
+    drop(robot);
+    agent.wait_for_log("robot software disconnected").await;
+    let (_, r) = request(&mut p, "app_command", "q3", json!({"command":"set_waypoint","data":{"latitude":37.8}})).await;
+    assert_eq!(r["payload"]["code"], "robot_unavailable", "{r}");
+    assert!(r["payload"]["error"].as_str().unwrap().contains("no robot software is connected"), "{r}");
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_queued_app_command_is_refused_when_no_robot_software_connects_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), 0).await;
+    let addr = running.addr;
+    let (secret, key) = fleet(&running, "control");
+    let cfg = config(dir.path(), addr, &secret, free_udp_port(), "commands:\n  appCommandTimeout: \"1s\"\n");
+    let (mut p, _) = queue_waypoints(addr, &key, "q1").await;
+
+    let mut agent = RunningAgent::spawn(&cfg, &[]);
+    agent.wait_for_log("authenticated with the relay").await;
+    agent.wait_for_log("holding the app command").await;
+    let held_at = std::time::Instant::now();
+    let r = recv_until(&mut p, "q1 result", |v| v["correlationID"] == "q1" && v["type"] == "command_result").await;
+    assert!(held_at.elapsed() >= Duration::from_millis(500), "answered after the wait, not at once");
+    assert_eq!((r["payload"]["ok"].as_bool(), r["payload"]["code"].as_str()), (Some(false), Some("robot_unavailable")));
+    let error = r["payload"]["error"].as_str().unwrap();
+    let sock = dir.path().join("robot.sock");
+    assert!(
+        error.contains("waited 1 s for robot software")
+            && error.contains("telemetry.unixSocket")
+            && error.contains(&sock.display().to_string()),
+        "{error}"
+    );
+    agent.wait_for_log("waited 1 s for robot software").await;
+    // The agent started more than appCommandTimeout ago: a live command without robot
+    // software is now refused at once.
+    send(&mut p, json!({"type":"lease_acquire","correlationID":"l2","payload":{"deviceID":"boat-7"}})).await;
+    recv_until(&mut p, "lease ack", |v| v["correlationID"] == "l2").await;
+    let (_, r) = request(&mut p, "app_command", "a1", json!({"command":"resume"})).await;
+    assert_eq!(r["payload"]["code"], "robot_unavailable", "{r}");
+    assert!(r["payload"]["error"].as_str().unwrap().contains("no robot software is connected"), "{r}");
     running.shutdown(Duration::from_secs(5)).await;
 }
 
