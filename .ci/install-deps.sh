@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 # Browser tests: Debian's chromium and firefox-esr (driven over WebDriver BiDi) and fonts so
 # pages render text.
 # Video: GStreamer's development files and the plugins for capture, encoding and RTP.
+# Python client (examples/python, tested by relay/tests/python_client.rs): websockets 10.x.
 PACKAGES=(build-essential pkg-config curl chromium firefox-esr fonts-dejavu-core
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base gstreamer1.0-plugins-good
-  gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-tools gstreamer1.0-x)
+  gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-tools gstreamer1.0-x
+  python3-websockets)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
