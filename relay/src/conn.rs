@@ -62,6 +62,9 @@ pub enum Endpoint {
         /// `ticket` query parameter.
         ticket: Option<String>,
     },
+    /// A seed dialect's path (relay/src/dialect): its codec authenticates the first message and
+    /// translates every frame to and from the native messages.
+    Dialect(Arc<dyn crate::dialect::Codec>),
 }
 
 /// Clock-sync exchanges sent quickly after a device connects, before settling to the ping
@@ -142,7 +145,11 @@ pub async fn serve(relay: Arc<Relay>, socket: Socket, endpoint: Endpoint, peer: 
     relay.metrics.connections_opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (sink, mut stream) = socket.split();
     let outbox = Arc::new(Outbox::new(relay.config.control_queue, relay.config.telemetry_queue));
-    let writer = relay.tasks.spawn(write_loop(relay.clone(), sink, outbox.clone()));
+    let codec = match &endpoint {
+        Endpoint::Dialect(c) => Some(c.clone()),
+        _ => None,
+    };
+    let writer = relay.tasks.spawn(write_loop(relay.clone(), sink, outbox.clone(), codec.clone()));
     let peer_ip = peer.map(|p| p.ip().to_string());
 
     let admitted = tokio::select! {
@@ -156,6 +163,7 @@ pub async fn serve(relay: Arc<Relay>, socket: Socket, endpoint: Endpoint, peer: 
         tracing::info!(id = %identity.id, role = identity.role.as_str(), org = %identity.org, ?peer, "connected");
         let conn = Arc::new(Conn { id: relay.next_conn_id(), identity, outbox: outbox.clone(), peer_ip });
         let mut session = Session::new(relay.clone(), conn.clone(), relay.limits.for_connection(&overrides));
+        session.codec = codec;
         session.run(&mut stream).await;
         session.finish();
         tracing::info!(id = %conn.identity.id, ?peer, reason = %session.end_reason, "disconnected");
@@ -212,6 +220,26 @@ async fn authenticate(
         return refuse(ErrorCode::Revoked, "this address is on the deny list", None);
     }
     let identity = match endpoint {
+        // A dialect whose credentials came with the upgrade (headers, query): checked at once.
+        Endpoint::Dialect(codec) => {
+            let first = tokio::time::timeout(relay.config.auth_deadline(), stream.next()).await;
+            let text = match first {
+                Err(_) => return fail(ErrorCode::AuthTimeout, "no auth message arrived in time", None),
+                Ok(Some(Ok(Message::Text(t)))) if t.len() <= relay.config.max_message_size => t,
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) => return None,
+                Ok(Some(Err(e))) => {
+                    return read_error(&e).and_then(|(code, msg, close)| close_with(code, &msg, None, close));
+                }
+                Ok(Some(Ok(_))) => {
+                    return fail(ErrorCode::NotAuthenticated, "authenticate first with a JSON text message", None);
+                }
+            };
+            relay.metrics.count_in(type_index("auth"), text.len());
+            match codec.authenticate(relay, text.as_str()).await {
+                Ok(who) => who,
+                Err((code, msg)) => return fail(code, &msg, None),
+            }
+        }
         Endpoint::Operator { ticket } => {
             let Some(ticket) = ticket else {
                 return fail(
@@ -396,6 +424,8 @@ struct Session {
     link: Option<Arc<DeviceLink>>,
     /// For devices: when the next telemetry frame may be read for its battery.
     battery: BatterySampler,
+    /// The dialect translating this connection's frames, if it came in on a dialect path.
+    codec: Option<Arc<dyn crate::dialect::Codec>>,
 }
 
 impl Session {
@@ -411,6 +441,7 @@ impl Session {
             end_reason: String::new(),
             link: None,
             battery: BatterySampler::new(Instant::now()),
+            codec: None,
         }
     }
 
@@ -479,6 +510,11 @@ impl Session {
             ops::announce_presence(&relay, &id.id, true, now);
             self.push("lease_state", relay.leases.state(&id.id, "current"));
             self.deliver_queued().await;
+        }
+        if let Some(codec) = self.codec.clone() {
+            for text in codec.after_auth(self.me()) {
+                self.on_text(&Utf8Bytes::from(text)).await;
+            }
         }
         let idle = relay.config.idle_timeout();
         loop {
@@ -651,7 +687,10 @@ impl Session {
                     self.refuse_over_limit(wait);
                     return true;
                 }
-                self.on_text(&t).await;
+                match self.codec.clone() {
+                    Some(codec) => self.on_dialect(&*codec, &t).await,
+                    None => self.on_text(&t).await,
+                }
                 true
             }
             Message::Binary(b) => {
@@ -688,6 +727,22 @@ impl Session {
                 None,
             );
             self.push("error", text);
+        }
+    }
+
+    /// A dialect frame: translated to native messages handled as if the peer had sent them, or
+    /// refused with an error (which the writer renders in the dialect's shape).
+    async fn on_dialect(&mut self, codec: &dyn crate::dialect::Codec, text: &Utf8Bytes) {
+        match codec.inbound(text.as_str()) {
+            crate::dialect::Inbound::Native(msgs) => {
+                for m in msgs {
+                    self.on_text(&Utf8Bytes::from(m)).await;
+                }
+            }
+            crate::dialect::Inbound::Refuse(code, msg, corr) => {
+                self.relay.metrics.count_in(type_index("other"), text.len());
+                self.error(code, msg, corr);
+            }
         }
     }
 
@@ -1425,7 +1480,12 @@ fn audit_lease(relay: &Arc<Relay>, who: &Identity, device: &str, reason: &str) {
 type Sink = SplitSink<Socket, Message>;
 
 /// The writer task: the only writer of the socket.
-async fn write_loop(relay: Arc<Relay>, mut sink: Sink, outbox: Arc<Outbox>) {
+async fn write_loop(
+    relay: Arc<Relay>,
+    mut sink: Sink,
+    outbox: Arc<Outbox>,
+    codec: Option<Arc<dyn crate::dialect::Codec>>,
+) {
     let ping_every = relay.config.ping_every();
     // A write that cannot finish in this long means the peer's TCP window stays shut.
     let stall = relay.config.idle_timeout();
@@ -1451,7 +1511,9 @@ async fn write_loop(relay: Arc<Relay>, mut sink: Sink, outbox: Arc<Outbox>) {
                 .await;
                 break;
             }
-            first => tokio::time::timeout(stall, write_batch(&relay, &mut sink, &outbox, first)).await,
+            first => {
+                tokio::time::timeout(stall, write_batch(&relay, &mut sink, &outbox, first, codec.as_deref())).await
+            }
         };
         if !matches!(result, Ok(Ok(()))) {
             break;
@@ -1461,19 +1523,38 @@ async fn write_loop(relay: Arc<Relay>, mut sink: Sink, outbox: Arc<Outbox>) {
 }
 
 /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
-async fn write_batch(relay: &Relay, sink: &mut Sink, outbox: &Outbox, first: Next) -> Result<(), tungstenite::Error> {
+async fn write_batch(
+    relay: &Relay,
+    sink: &mut Sink,
+    outbox: &Outbox,
+    first: Next,
+    codec: Option<&dyn crate::dialect::Codec>,
+) -> Result<(), tungstenite::Error> {
     let mut item = Some(first);
     let mut n = 0;
     while let Some(next) = item.take() {
         match next {
             Next::Text(t) => {
-                relay.metrics.bytes_out.fetch_add(t.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                sink.feed(Message::Text(t)).await?;
+                // A dialect connection sees the native message in its own shape, or not at all.
+                let t = match codec {
+                    Some(c) => c.outbound(t.as_str()).map(Utf8Bytes::from),
+                    None => Some(t),
+                };
+                if let Some(t) = t {
+                    relay.metrics.bytes_out.fetch_add(t.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    sink.feed(Message::Text(t)).await?;
+                }
             }
             Next::Dropped { count, total } => {
                 relay.metrics.count_out(type_index("telemetry_dropped"), 1);
                 let text = Envelope::new(TelemetryDropped { count, total }).to_json();
-                sink.feed(Message::Text(text.into())).await?;
+                let text = match codec {
+                    Some(c) => c.outbound(&text),
+                    None => Some(text),
+                };
+                if let Some(text) = text {
+                    sink.feed(Message::Text(text.into())).await?;
+                }
             }
             Next::Close(code, reason) => {
                 // Put it back for the main loop, which closes.

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod console;
+pub mod dialect;
 pub mod fleet;
 pub mod hub;
 pub mod leases;

@@ -105,13 +105,14 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (impl Reply,), Error =
         .or(ws_admin)
         .or(ws_status)
         .or(ws_device)
+        .or(crate::dialect::monitoring::routes(relay.clone()))
         .or(crate::api::routes(relay.clone()))
         .or(crate::whep::routes(relay.clone()))
         .or(console)
         .recover(recover)
 }
 
-fn upgrade_into(
+pub(crate) fn upgrade_into(
     up: ws::Upgrade,
     relay: Arc<Relay>,
     endpoint: Endpoint,
