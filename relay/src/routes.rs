@@ -74,6 +74,13 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (impl Reply,), Error =
         .map(|up: ws::Upgrade, q: HashMap<String, String>, peer: Option<SocketAddr>, relay: Arc<Relay>| {
             upgrade_into(up, relay, Endpoint::Operator { ticket: q.get("ticket").cloned() }, peer)
         });
+    // The Softlab dialect (relay/src/dialect/softlab.rs): first-message auth, then its codec.
+    let ws_softlab = warp::path!("ws" / "connect").and(ws::upgrade()).and(peer()).and(r()).map(
+        |up: ws::Upgrade, peer: Option<SocketAddr>, relay: Arc<Relay>| {
+            let codec = Arc::new(crate::dialect::softlab::Codec::new());
+            upgrade_into(up, relay, Endpoint::Dialect(codec), peer)
+        },
+    );
     let ws_status = warp::path!("ws" / "status" / String).and(warp::get()).and(r()).then(
         |id: String, relay: Arc<Relay>| async move {
             match crate::ops::registration_status(&relay, &id).await {
@@ -104,6 +111,7 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (impl Reply,), Error =
         .or(metrics)
         .or(ws_admin)
         .or(ws_status)
+        .or(ws_softlab)
         .or(ws_device)
         .or(crate::dialect::monitoring::routes(relay.clone()))
         .or(crate::api::routes(relay.clone()))

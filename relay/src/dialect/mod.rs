@@ -15,6 +15,7 @@ use crate::Relay;
 use crate::auth::Identity;
 
 pub mod monitoring;
+pub mod softlab;
 
 /// A boxed future, for the codec's asynchronous authentication.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
