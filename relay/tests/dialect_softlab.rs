@@ -146,6 +146,10 @@ async fn offline_targets_get_their_messages_at_next_login_marked_offline_queued(
     let mut c = commander(&r, &r.admin_key, "tkinter_bot").await;
     c.send_text(SEED_MESSAGE).await;
     c.send(json!({"target": "mouse_pi", "command": "move", "x": 100})).await;
+    // Teleop-like traffic may refuse the queue: an error at once, nothing stored.
+    c.send(json!({"target": "mouse_pi", "command": "stick", "queue": false})).await;
+    let e = c.recv().await;
+    assert_eq!((e["status"].as_str(), e["code"].as_str()), (Some("error"), Some("target_offline")), "{e}");
     // Nothing comes back for a queued message; a ping proves both were handled.
     c.send_text(r#"{"action": "ping"}"#).await;
     assert_eq!(c.recv().await, json!({"status": "pong"}));

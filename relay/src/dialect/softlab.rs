@@ -249,7 +249,12 @@ impl Codec {
         };
         let lease_corr = format!("{LEASE_CORR}{target}");
         out.push(envelope(lease, Some(&lease_corr), None, json!({"deviceID": target})));
-        let p = json!({"command": PASSTHROUGH_COMMAND, "data": whole});
+        let no_queue = whole.get("queue") == Some(&Value::Bool(false));
+        let mut p = json!({"command": PASSTHROUGH_COMMAND, "data": whole});
+        if no_queue {
+            // Refuses the offline queue like a native request (`target_offline` at once).
+            p["queue"] = Value::Bool(false);
+        }
         out.push(envelope("app_command", corr.as_deref(), Some(&target), p));
         Inbound::Native(out)
     }
