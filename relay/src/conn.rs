@@ -221,6 +221,12 @@ async fn authenticate(
     }
     let identity = match endpoint {
         // A dialect whose credentials came with the upgrade (headers, query): checked at once.
+        Endpoint::Dialect(codec) if codec.authenticate_upgrade(relay).is_some() => {
+            match codec.authenticate_upgrade(relay).expect("checked above").await {
+                Ok(who) => who,
+                Err((code, msg)) => return fail(code, &msg, None),
+            }
+        }
         Endpoint::Dialect(codec) => {
             let first = tokio::time::timeout(relay.config.auth_deadline(), stream.next()).await;
             let text = match first {

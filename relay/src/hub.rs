@@ -153,6 +153,8 @@ pub trait Hub: Send + Sync + std::fmt::Debug {
     /// Queues a control message (presence, lease state, safety stop) for every subscriber of
     /// `device`.
     fn notify_subscribers(&self, device: &str, text: Utf8Bytes);
+    /// The connections subscribed to `device` (a Boat-dialect boat's own offer goes to each).
+    fn subscribers_of(&self, device: &str) -> Vec<Arc<Conn>>;
     /// Live connections by role.
     fn counts(&self) -> ConnCounts;
     /// Ids of connected devices.
@@ -391,6 +393,12 @@ impl Hub for LocalHub {
         for sub in ch.subscribers.values() {
             let _ = sub.outbox.push_control(text.clone());
         }
+    }
+
+    fn subscribers_of(&self, device: &str) -> Vec<Arc<Conn>> {
+        let ids: Vec<ConnId> = self.channel(device).lock().subscribers.keys().copied().collect();
+        let reg = self.registry.read();
+        ids.iter().filter_map(|id| reg.conns.get(id).cloned()).collect()
     }
 
     fn counts(&self) -> ConnCounts {

@@ -114,6 +114,7 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (impl Reply,), Error =
         .or(ws_softlab)
         .or(ws_device)
         .or(crate::dialect::monitoring::routes(relay.clone()))
+        .or(crate::dialect::boat::routes(relay.clone()))
         .or(crate::api::routes(relay.clone()))
         .or(crate::whep::routes(relay.clone()))
         .or(console)

@@ -14,6 +14,7 @@ use signaling::ErrorCode;
 use crate::Relay;
 use crate::auth::Identity;
 
+pub mod boat;
 pub mod monitoring;
 pub mod softlab;
 
@@ -39,6 +40,16 @@ pub trait Codec: Send + Sync + std::fmt::Debug + 'static {
         relay: &'a Relay,
         first: &'a str,
     ) -> BoxFuture<'a, Result<Identity, (ErrorCode, String)>>;
+
+    /// Authentication from the HTTP upgrade alone (an `Authorization` header, a `?ticket=`),
+    /// without waiting for a first message. `None` (the default): [`Codec::authenticate`] reads
+    /// the first message.
+    fn authenticate_upgrade<'a>(
+        &'a self,
+        _relay: &'a Relay,
+    ) -> Option<BoxFuture<'a, Result<Identity, (ErrorCode, String)>>> {
+        None
+    }
 
     /// Native messages handled right after authentication, as if the peer had sent them
     /// (e.g. a `subscribe` for a stream endpoint).
