@@ -357,3 +357,42 @@ async fn browser_logs_stream() {
     assert_eq!(l["data"]["message"], "second", "metrics must not show up as log entries");
     r.stop().await;
 }
+
+#[tokio::test]
+async fn rate_limits_revocation_and_audit_like_native() {
+    let r = start_relay_with(|c| c.messages_per_second = 5).await;
+    let secret = r.create_device("srv-1", "default");
+    let key = r.create_pilot("ana", Some("view"));
+    let mut a = agent(&r, "srv-1", &secret).await;
+    let mut b = browser(&r, "metrics", "srv-1", &key).await;
+
+    // A flooding agent is refused with rate_limited, in the seed's error shape.
+    for _ in 0..40 {
+        a.send_text(&metrics_text()).await;
+    }
+    let e = a.recv_type("error").await;
+    assert_eq!(e["code"], "rate_limited", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("rate limit"), "{e}");
+
+    // Revoking the device closes the agent; its key stops working.
+    let (s, _) = admin_call(&r, reqwest::Method::POST, "/api/devices/srv-1/revoke", Some(json!({}))).await;
+    assert_eq!(s, 200);
+    let e = a.recv_type("error").await;
+    assert_eq!(e["code"], "revoked", "{e}");
+    assert_eq!(a.expect_close().await.map(|f| u16::from(f.code)), Some(1008));
+    let mut again = Client::connect(&r.ws_url("/api/v1/agents/ws"), None).await;
+    again.send(json!({"type":"auth","api_key":format!("srv-1:{secret}")})).await;
+    assert_eq!(again.recv().await["message"], "Invalid or inactive API key");
+
+    // Revoking the operator's key closes its browser stream.
+    let key_id = key.split('_').nth(1).unwrap().to_owned();
+    let (s, _) = admin_call(&r, reqwest::Method::POST, &format!("/api/keys/{key_id}/revoke"), None).await;
+    assert_eq!(s, 200);
+    let e = b.recv_type("error").await;
+    assert_eq!(e["code"], "revoked", "{e}");
+    b.expect_close().await;
+    let (_, audit) = admin_call(&r, reqwest::Method::GET, "/api/audit", None).await;
+    let actions: Vec<&str> = audit["entries"].as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    assert!(actions.contains(&"key.revoke") && actions.contains(&"device.revoke"), "{actions:?}");
+    r.stop().await;
+}
