@@ -392,3 +392,59 @@ async fn boat_video_signaling_reaches_a_native_pilot() {
     assert_eq!(next(&mut boat, "error").await["code"], "target_offline");
     r.stop().await;
 }
+
+/// Presence, rate limits, revocation and audit are the native ones.
+#[tokio::test]
+async fn presence_rate_limits_revocation_and_audit_like_native() {
+    let r = start_relay_with(|c| c.messages_per_second = 5).await;
+    let secret = r.create_device("boat-123", "default");
+    let key = r.create_pilot("ana", Some("control"));
+    let mut pilot = r.operator(&r.create_pilot("bob", Some("view"))).await;
+    subscribe(&mut pilot, "boat-123").await;
+
+    // The boat on /ws/device/ is online for a native subscriber.
+    let mut boat = boat_conn(&r, "/ws/device/boat-123", Some(&secret)).await;
+    assert_eq!(boat.recv().await["type"], "auth_ok");
+    let p = pilot.recv_type("presence").await;
+    assert_eq!(
+        (p["payload"]["deviceID"].as_str(), p["payload"]["status"].as_str()),
+        (Some("boat-123"), Some("online")),
+        "{p}"
+    );
+    let mut client = boat_conn(&r, "/ws/client/client-1?boatId=boat-123", Some(&key)).await;
+    assert_eq!(client.recv().await["type"], "auth_ok");
+
+    // A client command takes the lease: audited as native.
+    client.send_text(SEED_SET_WAYPOINT).await;
+    assert_eq!(next(&mut boat, "command").await["command"], "set_waypoint");
+
+    // A flooding boat is refused with rate_limited, flat.
+    for _ in 0..40 {
+        boat.send_text(SEED_TELEMETRY).await;
+    }
+    let e = next(&mut boat, "error").await;
+    assert_eq!(e["code"], "rate_limited", "{e}");
+    assert!(e["retryAfterMs"].as_u64().is_some(), "{e}");
+
+    // Revoking the client's key closes it; revoking the boat closes it and its secret fails.
+    let key_id = key.split('_').nth(1).unwrap().to_owned();
+    let (s, _) = admin_call(&r, reqwest::Method::POST, &format!("/api/keys/{key_id}/revoke"), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(next(&mut client, "error").await["code"], "revoked");
+    assert_eq!(client.expect_close().await.map(|f| u16::from(f.code)), Some(1008));
+    let (s, _) = admin_call(&r, reqwest::Method::POST, "/api/devices/boat-123/revoke", Some(json!({}))).await;
+    assert_eq!(s, 200);
+    assert_eq!(next(&mut boat, "error").await["code"], "revoked");
+    assert_eq!(boat.expect_close().await.map(|f| u16::from(f.code)), Some(1008));
+    let p = pilot.recv_type("presence").await;
+    assert_eq!(p["payload"]["status"], "offline", "{p}");
+    let mut again = boat_conn(&r, "/ws/device/boat-123", Some(&secret)).await;
+    assert_eq!(next(&mut again, "error").await["code"], "auth_failed");
+
+    let (_, audit) = admin_call(&r, reqwest::Method::GET, "/api/audit", None).await;
+    let actions: Vec<&str> = audit["entries"].as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    for a in ["lease.acquired", "key.revoke", "device.revoke"] {
+        assert!(actions.contains(&a), "{a} in {actions:?}");
+    }
+    r.stop().await;
+}
