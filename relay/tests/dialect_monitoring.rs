@@ -396,3 +396,33 @@ async fn rate_limits_revocation_and_audit_like_native() {
     assert!(actions.contains(&"key.revoke") && actions.contains(&"device.revoke"), "{actions:?}");
     r.stop().await;
 }
+
+#[tokio::test]
+async fn the_offline_queue_like_native() {
+    let r = start_relay().await;
+    let secret = r.create_device("srv-1", "default");
+    let mut p = r.operator(&r.admin_key).await;
+
+    // Both wait for the offline agent.
+    p.send(json!({"type":"reload_config","correlationID":"rc","clientID":"srv-1","payload":{}})).await;
+    assert_eq!(p.recv_type("ack").await["payload"]["status"], "queued");
+    p.send(json!({"type":"execute_command","correlationID":"q1","clientID":"srv-1","payload":{"command":"uptime"}}))
+        .await;
+    assert_eq!(p.recv_type("ack").await["payload"]["status"], "queued");
+
+    // At login the command arrives marked; the reload it cannot express is answered for it.
+    let mut a = agent(&r, "srv-1", &secret).await;
+    assert_eq!(a.recv().await, json!({"type":"command","command_id":"q1","command":"uptime","_offline_queued":true}));
+    let res = p.recv_type("command_result").await;
+    assert_eq!((res["correlationID"].as_str(), res["payload"]["code"].as_str()), (Some("rc"), Some("unsupported")));
+    a.send(json!({"type":"command_response","command_id":"q1","output":"up 3 days","exit_code":0,"duration_ms":4}))
+        .await;
+    assert_eq!(p.recv_type("command_output").await["payload"]["stdout"], "up 3 days");
+
+    // Both answered: nothing comes back at the next login (the pong is the first message).
+    a.ws.close(None).await.unwrap();
+    let mut a = agent(&r, "srv-1", &secret).await;
+    a.send(json!({"type":"ping"})).await;
+    assert_eq!(a.recv().await, json!({"type":"pong"}));
+    r.stop().await;
+}

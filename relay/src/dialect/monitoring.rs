@@ -94,6 +94,8 @@ pub struct AgentCodec {
     me: OnceLock<Identity>,
     /// The hub, to answer requests this dialect cannot express.
     hub: OnceLock<Arc<dyn Hub>>,
+    /// The store, to clear a queued request answered `unsupported`.
+    store: OnceLock<crate::store::Store>,
     /// The last sequence number assigned to a `metrics` frame on this connection.
     seq: AtomicU64,
     /// This connection's sequence epoch: a reconnect starts a new count.
@@ -102,7 +104,13 @@ pub struct AgentCodec {
 
 impl Default for AgentCodec {
     fn default() -> Self {
-        AgentCodec { me: OnceLock::new(), hub: OnceLock::new(), seq: AtomicU64::new(0), epoch: auth::random_hex(4) }
+        AgentCodec {
+            me: OnceLock::new(),
+            hub: OnceLock::new(),
+            store: OnceLock::new(),
+            seq: AtomicU64::new(0),
+            epoch: auth::random_hex(4),
+        }
     }
 }
 
@@ -135,7 +143,7 @@ impl AgentCodec {
 
     /// A request the agent cannot express: the requester gets `command_result` `unsupported`
     /// from the device at once, exactly as if the agent had answered it.
-    fn unsupported(&self, ty: &str, corr: Option<&str>) -> Option<String> {
+    fn unsupported(&self, ty: &str, corr: Option<&str>, queued: bool) -> Option<String> {
         let (Some(me), Some(hub), Some(corr)) = (self.me.get(), self.hub.get(), corr) else {
             return Some(
                 json!({"type": "error", "message": format!("{ty} is not supported by this agent protocol")})
@@ -148,12 +156,32 @@ impl AgentCodec {
         let raw = serde_json::value::RawValue::from_string(payload).ok();
         let route = hub.reply_route(&me.id, corr);
         hub.mark_answered(&me.id, corr);
-        if let Some(PendingRequest { requester, conn, .. }) = route {
+        let reply = route.map(|PendingRequest { requester, conn, .. }| {
             let text = message::encode_routed("command_result", Some(corr), Some(&requester), &me.id, raw.as_deref());
+            (requester, conn, text)
+        });
+        let device = me.id.clone();
+        let (hub, me) = (hub.clone(), me.clone());
+        let send = move || {
+            let Some((requester, conn, text)) = reply else { return };
             let sent = conn.is_some_and(|c| hub.send_to_conn(c, Utf8Bytes::from(text.clone())));
             if !sent && let Delivery::NotConnected = hub.send_to(&me.org, &requester, Utf8Bytes::from(text)) {
                 tracing::warn!(device = %me.id, %requester, "unsupported-request answer for a disconnected requester dropped");
             }
+        };
+        // A request delivered from the offline queue stays there until answered: clear it first,
+        // so that once the requester has the answer, a reconnect cannot bring the request back.
+        match self.store.get().filter(|_| queued) {
+            Some(store) => {
+                let (store, d, c) = (store.clone(), device, corr.to_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = store.call(move |s| q::ack_queued(s, &d, &c)).await {
+                        tracing::warn!("could not clear an unsupported queued request: {e}");
+                    }
+                    send();
+                });
+            }
+            None => send(),
         }
         None
     }
@@ -179,6 +207,7 @@ impl Codec for AgentCodec {
                 Ok(who) => {
                     let _ = self.me.set(who.clone());
                     let _ = self.hub.set(relay.hub.clone());
+                    let _ = self.store.set(relay.store.clone());
                     Ok(who)
                 }
                 Err(auth::AuthError::Invalid) => Err((ErrorCode::AuthFailed, BAD_API_KEY.into())),
@@ -281,7 +310,7 @@ impl Codec for AgentCodec {
             | "app_command"
             | "process_command"
             | "get_client_config"
-            | "webrtc") => return self.unsupported(ty, corr),
+            | "webrtc") => return self.unsupported(ty, corr, queued),
             // Housekeeping (time_sync, lease_state, ack, ...) has no equivalent.
             _ => return None,
         };
