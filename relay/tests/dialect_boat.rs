@@ -448,3 +448,27 @@ async fn presence_rate_limits_revocation_and_audit_like_native() {
     }
     r.stop().await;
 }
+
+/// The seed's client URL names no boat: the client watches every boat it may view.
+#[tokio::test]
+async fn a_client_naming_no_boat_watches_the_boats_it_may_view() {
+    let r = start_relay().await;
+    let s1 = r.create_device("boat-123", "default");
+    let s2 = r.create_device("boat-456", "default");
+    let key = r.create_pilot("ana", None);
+    r.grant("ana", "device:boat-123", "view").await;
+    let mut b1 = boat_conn(&r, "/ws/device/boat-123", Some(&s1)).await;
+    assert_eq!(b1.recv().await["type"], "auth_ok");
+    let mut b2 = boat_conn(&r, "/ws/device/boat-456", Some(&s2)).await;
+    assert_eq!(b2.recv().await["type"], "auth_ok");
+    let mut client = boat_conn(&r, "/ws/client/client-1", Some(&key)).await;
+    assert_eq!(client.recv().await["type"], "auth_ok");
+    // Subscribed (to boat-123 only) once its lease_state arrives.
+    assert_eq!(next(&mut client, "lease_state").await["deviceID"], "boat-123");
+    // boat-456's frame goes first; the first one the client sees is boat-123's.
+    b2.send_text(SEED_TELEMETRY).await;
+    b1.send_text(SEED_TELEMETRY).await;
+    let t = next(&mut client, "telemetry").await;
+    assert_eq!((t["boatId"].as_str(), t["sequence"].as_u64()), (Some("boat-123"), Some(1234)), "{t}");
+    r.stop().await;
+}

@@ -13,7 +13,8 @@
 //! - credentials at the upgrade: the device's clientSecret (`Authorization: Bearer`), a client's
 //!   operator API key (`Authorization: Bearer`) or a ticket (`?ticket=`);
 //! - a client subscribes implicitly to the boats in `?boatId=a,b`, else to the boat its path
-//!   names (if it is one it may view), and to every boat a later message names;
+//!   names (if it is one), else to every boat of its organisation it may view, and to every
+//!   boat a later message names;
 //! - a client's `command` acquires (or renews) the control lease first, so a seed client never
 //!   heartbeats; a lease held by another connection refuses it with `not_controller`;
 //! - the relay's `time_sync` reaches the boat flat (`{"type":"time_sync","t1":..}`); a boat
@@ -40,10 +41,13 @@ use crate::Relay;
 use crate::auth::{self, Identity};
 use crate::conn::Endpoint;
 use crate::media::MediaSession;
+use crate::store::q;
 
 /// Correlation ids of the adapter's own housekeeping (implicit subscribe, lease): their answers
 /// are not shown to the peer (the message that caused them gets the same verdict itself).
 const INTERNAL: &str = "boat~";
+/// Most boats a client that names none is subscribed to.
+const MAX_DEFAULT_BOATS: usize = 64;
 
 /// Which end of the boat relay a connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +84,8 @@ struct State {
     sessions: HashMap<String, String>,
     /// Device: the sessions its signaling without `sessionID` goes to.
     device_sessions: Vec<String>,
+    /// Client without `?boatId=`: the boats found at authentication.
+    default_boats: Vec<String>,
 }
 
 impl Boat {
@@ -149,27 +155,70 @@ impl Boat {
                 }
             }
             Side::Client => {
-                if let Some(key) = &self.bearer {
-                    return match auth::verify_api_key(&relay.store, &relay.hasher, key).await {
-                        Ok(who) => Ok(who),
-                        Err(_) => Err((ErrorCode::AuthFailed, "the API key is invalid, revoked or expired".into())),
-                    };
-                }
-                let Some(ticket) = self.ticket.lock().take() else {
+                let ticket = self.ticket.lock().take();
+                let who = if let Some(key) = &self.bearer {
+                    match auth::verify_api_key(&relay.store, &relay.hasher, key).await {
+                        Ok(who) => who,
+                        Err(_) => {
+                            return Err((ErrorCode::AuthFailed, "the API key is invalid, revoked or expired".into()));
+                        }
+                    }
+                } else if let Some(ticket) = ticket {
+                    relay.tickets.redeem(&ticket, Instant::now()).ok_or_else(|| {
+                        (
+                            ErrorCode::InvalidTicket,
+                            "the ticket is unknown, already used or expired; request a new one".into(),
+                        )
+                    })?
+                } else {
                     return Err((
                         ErrorCode::InvalidTicket,
                         "send an operator API key as Authorization: Bearer, or a ticket from POST /api/auth/ws-ticket as ?ticket="
                             .into(),
                     ));
                 };
-                relay.tickets.redeem(&ticket, Instant::now()).ok_or_else(|| {
-                    (
-                        ErrorCode::InvalidTicket,
-                        "the ticket is unknown, already used or expired; request a new one".into(),
-                    )
-                })
+                if self.boats.is_empty() {
+                    let boats = self.default_boats(relay, &who).await;
+                    self.state.lock().default_boats = boats;
+                }
+                Ok(who)
             }
         }
+    }
+
+    /// The boats a client that names none in `?boatId=` watches: the one its path names, if it
+    /// is a boat of its organisation; otherwise every boat of the organisation it may view (the
+    /// seed's relay serves one boat to every client), at most [`MAX_DEFAULT_BOATS`].
+    async fn default_boats(&self, relay: &Relay, who: &Identity) -> Vec<String> {
+        let (org, path) = (who.org.clone(), self.path_id.clone());
+        let found = relay
+            .store
+            .call(move |c| {
+                if let Some((d, _)) = q::device_credentials(c, &path)?
+                    && d.org_id == org
+                {
+                    return Ok(vec![d.id]);
+                }
+                Ok(q::list_devices(c, &org)?.into_iter().map(|d| d.id).collect::<Vec<_>>())
+            })
+            .await;
+        let ids = match found {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!("could not list the boats of a Boat-dialect client: {e}");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            if out.len() >= MAX_DEFAULT_BOATS {
+                break;
+            }
+            if matches!(relay.access.level(&relay.store, who, &id).await, Ok(Some(_))) {
+                out.push(id);
+            }
+        }
+        out
     }
 
     /// A boat's own offer (the seed's flow): one session with each connection subscribed to it.
@@ -248,9 +297,11 @@ impl Codec for Boat {
         }
         let mut out = Vec::new();
         if self.boats.is_empty() {
-            // The path names the client; if it names a boat the client may view, that is the one.
-            self.state.lock().subscribed.insert(self.path_id.clone());
-            out.push(self.subscribe_text(&self.path_id));
+            let boats = std::mem::take(&mut self.state.lock().default_boats);
+            for b in boats {
+                self.state.lock().subscribed.insert(b.clone());
+                out.push(self.subscribe_text(&b));
+            }
         } else {
             for b in &self.boats {
                 self.state.lock().subscribed.insert(b.clone());
