@@ -243,6 +243,10 @@ async fn authenticate(
             relay.metrics.count_in(type_index("auth"), text.len());
             match codec.authenticate(relay, text.as_str()).await {
                 Ok(who) => who,
+                // Only a bad credential counts towards the address's authentication failures.
+                Err((code @ (ErrorCode::Forbidden | ErrorCode::UnknownTarget | ErrorCode::Internal), msg)) => {
+                    return refuse(code, &msg, None);
+                }
                 Err((code, msg)) => return fail(code, &msg, None),
             }
         }
