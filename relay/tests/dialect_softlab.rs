@@ -245,3 +245,41 @@ async fn a_softlab_pilot_commands_a_native_agent() {
     assert!(m["payload"]["data"].get("sender").is_none(), "the client's sender is not forwarded");
     r.stop().await;
 }
+
+/// Cross-dialect the other way: a native pilot commands a Softlab worker, which answers in
+/// native terms; the worker's passthrough reaches the pilot as a `command_result`.
+#[tokio::test]
+async fn a_native_pilot_commands_a_softlab_worker() {
+    let r = start_relay().await;
+    let secret = r.create_device("mouse_pi", "default");
+    let admin = operator_id(&r, "admin");
+    let mut w = worker(&r, "mouse_pi", &secret).await;
+    let mut p = r.operator(&r.admin_key).await;
+    p.send(json!({"type": "execute_command", "correlationID": "n1", "clientID": "mouse_pi",
+                  "payload": {"command": "uptime"}}))
+        .await;
+    assert_eq!(p.recv_type("ack").await["payload"]["status"], "delivered");
+    let m = w.recv().await;
+    assert_eq!(m["type"], "execute_command", "{m}");
+    assert_eq!(m["sender"], admin.as_str());
+    assert_eq!(m["correlationID"], "n1");
+    assert_eq!(m["payload"]["command"], "uptime");
+    w.send(json!({"target": m["sender"], "type": "command_output", "correlationID": "n1",
+                  "payload": {"stdout": "up 3 days\n", "stderr": "", "exitCode": 0, "durationMs": 1}}))
+        .await;
+    let out = p.recv_type("command_output").await;
+    assert_eq!(out["from"], "mouse_pi");
+    assert_eq!(out["payload"]["stdout"], "up 3 days\n");
+    w.send(json!({"target": admin, "temperature": 41.5})).await;
+    let res = p.recv_type("command_result").await;
+    assert_eq!(res["from"], "mouse_pi");
+    assert_eq!(res["payload"]["data"]["softlab"], json!({"target": admin, "temperature": 41.5}));
+    // Workers do not message workers, and may not send native requests.
+    let sensor = r.create_device("sensor_pi", "default");
+    let _s = worker(&r, "sensor_pi", &sensor).await;
+    w.send(json!({"target": "sensor_pi", "x": 1})).await;
+    assert_eq!(w.recv().await["code"], "not_allowed");
+    w.send(json!({"target": "sensor_pi", "type": "execute_command", "command": "ls"})).await;
+    assert_eq!(w.recv().await["code"], "not_allowed");
+    r.stop().await;
+}

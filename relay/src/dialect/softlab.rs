@@ -49,8 +49,17 @@ const DEVICE_OPS: &[&str] = &["lease_acquire", "lease_release", "lease_heartbeat
 /// Native replies a worker (device) may send by naming `type`.
 const REPLIES: &[&str] = &["command_output", "command_progress", "command_result", "speed_test_result"];
 /// Native messages with nothing to say to a Softlab client (its protocol has no such thing).
-const SILENT: &[&str] =
-    &["ack", "time_sync", "lease_state", "presence", "telemetry_dropped", "subscribed", "unsubscribed"];
+const SILENT: &[&str] = &[
+    "ack",
+    "time_sync",
+    "lease_state",
+    "presence",
+    "telemetry_dropped",
+    "subscribed",
+    "unsubscribed",
+    "registration_requested",
+    "registration_decided",
+];
 
 /// Per-connection state of a Softlab socket.
 #[derive(Debug, Default)]
