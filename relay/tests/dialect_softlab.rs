@@ -283,3 +283,25 @@ async fn a_native_pilot_commands_a_softlab_worker() {
     assert_eq!(w.recv().await["code"], "not_allowed");
     r.stop().await;
 }
+
+/// A Softlab connection has its identity's rate limits: a flood of pings is refused in
+/// Softlab's shape, with the time to wait.
+#[tokio::test]
+async fn a_flood_is_rate_limited_in_softlab_shape() {
+    let r = start_relay_with(|c| c.messages_per_second = 5).await;
+    let mut c = commander(&r, &r.admin_key, "my_pc").await;
+    for _ in 0..200 {
+        c.send_text(r#"{"action": "ping"}"#).await;
+    }
+    loop {
+        let m = c.recv().await;
+        if m["status"] == "pong" {
+            continue;
+        }
+        assert_eq!(m["status"], "error", "{m}");
+        assert_eq!(m["code"], "rate_limited", "{m}");
+        assert!(m["retryAfterMs"].as_u64().is_some_and(|ms| ms > 0), "{m}");
+        break;
+    }
+    r.stop().await;
+}
