@@ -305,3 +305,18 @@ async fn a_flood_is_rate_limited_in_softlab_shape() {
     }
     r.stop().await;
 }
+
+/// The seed document writes its URLs with a trailing slash (`/ws/connect/`, `/api/presence/`);
+/// clients copied from it work as they are.
+#[tokio::test]
+async fn the_seeds_urls_with_a_trailing_slash_work() {
+    let r = start_relay().await;
+    r.create_device("mouse_pi", "default");
+    let mut c = Client::connect(&r.ws_url("/ws/connect/"), None).await;
+    c.send(json!({"auth_key": r.admin_key, "sender": "my_pc"})).await;
+    assert_eq!(c.recv().await, json!({"status": "authenticated", "client_id": "my_pc"}));
+    let (s, body) = r.get_json("/api/presence/?devices=mouse_pi", Some(&r.admin_key)).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body, json!({"mouse_pi": "offline"}));
+    r.stop().await;
+}
