@@ -4,6 +4,8 @@
 //! API key, a device token is `<clientID>:<clientSecret>`.
 
 mod common;
+use std::time::Duration;
+
 use common::*;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -318,5 +320,38 @@ async fn the_seeds_urls_with_a_trailing_slash_work() {
     let (s, body) = r.get_json("/api/presence/?devices=mouse_pi", Some(&r.admin_key)).await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body, json!({"mouse_pi": "offline"}));
+    r.stop().await;
+}
+
+/// A worker's device token is a device credential: revoking the device closes the Softlab
+/// connection and the token stops working; what a commander does is audited like native.
+#[tokio::test]
+async fn device_revocation_and_audit_apply_to_softlab_connections() {
+    let r = start_relay().await;
+    let secret = r.create_device("mouse_pi", "default");
+    let mut c = commander(&r, &r.admin_key, "my_pc").await;
+    let mut w = worker(&r, "mouse_pi", &secret).await;
+    // The control lease taken on the commander's behalf is in the audit log.
+    c.send_text(SEED_MESSAGE).await;
+    assert_eq!(w.recv().await["speed"], 100);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, audit) = admin_call(&r, Method::GET, "/api/audit", None).await;
+        let found = audit["entries"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["action"] == "lease.acquired" && e["subject"] == "mouse_pi"));
+        if found {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no lease.acquired audit entry: {audit}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, _) = admin_call(&r, Method::POST, "/api/devices/mouse_pi/revoke", Some(json!({}))).await;
+    assert_eq!(s, 200);
+    let e = refused(&mut w).await;
+    assert_eq!(e["code"], "revoked");
+    let mut again = connect(&r).await;
+    again.send(json!({"device_token": format!("mouse_pi:{secret}")})).await;
+    refused(&mut again).await;
     r.stop().await;
 }
