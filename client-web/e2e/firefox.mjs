@@ -1,12 +1,13 @@
 // The console in Firefox: a shorter run than suite.mjs (which drives Chromium), in Debian's
 // firefox-esr driven by playwright-core over WebDriver BiDi, against the real relay binary, the
-// real agent streaming its test pattern in VP8 and the simulated boat (tether-boat). Run by
+// real agent streaming its test pattern (VP8, see below) and the simulated boat (tether-boat). Run by
 // relay/tests/console_firefox.rs, which passes the environment lib/stack.mjs describes
 // (FIREFOX names the browser, default /usr/bin/firefox-esr).
 //
 // Why VP8: Firefox decodes H.264 in WebRTC only through the OpenH264 plugin, which it downloads
-// at run time; this machine (like many pilots' networks) has no such download, so the agent here
-// is configured with `video.codec: vp8` and the step checks that VP8 is what was negotiated.
+// at run time; this machine (like many pilots' networks) has no such download, so its offer has
+// no H.264. The agent runs with the default `video.codec` (`auto`: H.264 when the viewer offers
+// it, else VP8), and the step checks that VP8 is what was negotiated.
 //
 // Steps (in order, each one screenshot): wrong password refused; admin logs in with an API key;
 // fleet shows the boat online with its battery; the device view: VP8 video decoding at 640x480;
@@ -54,7 +55,8 @@ await stack.startRelay();
 
 const boatSocket = join(WORK, 'robot.sock');
 writeFileSync(join(WORK, 'boat.yaml'), stack.agentConfig({
-  clientID: 'boat-1', clientSecret: created.clientSecret, name: 'Boat One', video: true, socket: boatSocket, codec: 'vp8',
+  // codec: null leaves video.codec out: the agent's default (auto) must pick VP8 for Firefox.
+  clientID: 'boat-1', clientSecret: created.clientSecret, name: 'Boat One', video: true, socket: boatSocket, codec: null,
 }));
 const boatAgent = stack.start('agent', DEVICE_BIN, ['--config', join(WORK, 'boat.yaml')]);
 stack.start('boat', BOAT_BIN, ['--socket', boatSocket, '--rate', '5']);

@@ -358,7 +358,9 @@ pub struct VideoConfig {
     /// `file:/path/clip.mp4`.
     #[serde(default = "default_video_source")]
     pub source: String,
-    /// `h264` (default; constrained baseline, what every browser decodes) or `vp8`.
+    /// `auto` (default): per session, H.264 constrained baseline when the viewer's offer has it,
+    /// else VP8 (Firefox without its OpenH264 plugin offers no H.264). `h264` or `vp8`: that
+    /// codec only, and a viewer that does not offer it is refused.
     #[serde(default = "default_codec")]
     pub codec: String,
     /// Pixels (default 1280).
@@ -400,7 +402,7 @@ fn default_video_source() -> String {
 }
 
 fn default_codec() -> String {
-    "h264".into()
+    "auto".into()
 }
 
 fn default_width() -> u32 {
@@ -733,8 +735,8 @@ impl Config {
                 format!("must be between 1 and 3600 seconds, got {}", v.keyframe_interval),
             );
         }
-        if !matches!(v.codec.as_str(), "h264" | "vp8") {
-            return bad("video.codec", format!("{:?} is not h264 or vp8", v.codec));
+        if !matches!(v.codec.as_str(), "auto" | "h264" | "vp8") {
+            return bad("video.codec", format!("{:?} is not auto, h264 or vp8", v.codec));
         }
         let known = v.source == "testpattern"
             || v.source.starts_with("v4l2:")
@@ -835,5 +837,17 @@ paths:
         assert!(e.to_string().contains("clientSecret"), "{e}");
         let e = Config::parse("serverAddress: [\n", "c.yaml").unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+    }
+
+    #[test]
+    fn the_video_codec_is_auto_by_default_and_one_of_three() {
+        let base = "serverAddress: ws://x/ws\nhandshakeKey: k\n";
+        assert_eq!(Config::parse(base, "c").unwrap().video.codec, "auto");
+        for codec in ["auto", "h264", "vp8"] {
+            let c = Config::parse(&format!("{base}video:\n  codec: {codec}\n"), "c").unwrap();
+            assert_eq!(c.video.codec, codec);
+        }
+        let e = Config::parse(&format!("{base}video:\n  codec: vp9\n"), "c").unwrap_err();
+        assert!(e.to_string().contains("video.codec") && e.to_string().contains("auto, h264 or vp8"), "{e}");
     }
 }

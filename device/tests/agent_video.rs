@@ -15,6 +15,11 @@
 //!
 //! Then a PLI from the viewer brings a keyframe before the encoder's periodic one would come,
 //! and the pilot closing its WebSocket makes the agent end the session and stop its pipeline.
+//!
+//! The codec: `h264` and `vp8` send that codec; `auto` (the default) answers H.264 when the
+//! offer has it and VP8 otherwise (Firefox without OpenH264), refuses an offer with neither with
+//! `negotiation_failed` and a message naming both sides, and serves an H.264 and a VP8 viewer at
+//! once from one source, each codec's encoder coming and going with its viewers.
 //! No timing is asserted beyond generous deadlines.
 #![cfg(feature = "video")]
 
@@ -31,7 +36,6 @@ use gstreamer_app as gst_app;
 use media::viewer::OfferedCodec;
 use rtc::rtp;
 use rtc::rtp::codec::h264::H264Packet;
-use rtc::rtp::codec::vp8::Vp8Packet;
 use rtc::rtp::packetizer::Depacketizer;
 use rtc::shared::marshal::Marshal;
 use serde_json::json;
@@ -72,6 +76,19 @@ impl Codec {
         codecs
     }
 
+    /// What Debian's Firefox offers without its OpenH264 plugin (downloaded at run time, so
+    /// missing offline): VP8 and VP9, no H.264.
+    fn firefox_without_openh264() -> Vec<OfferedCodec> {
+        vec![OfferedCodec::new("video/VP8", "max-fs=12288;max-fr=60", 120), vp9()]
+    }
+
+    fn mime(self) -> &'static str {
+        match self {
+            Codec::H264 => "video/h264",
+            Codec::Vp8 => "video/vp8",
+        }
+    }
+
     /// Whether the packet starts a keyframe (H.264: carries an SPS or an IDR slice).
     fn is_keyframe(self, packet: &rtp::Packet) -> bool {
         let raw = packet.marshal().unwrap();
@@ -98,11 +115,16 @@ fn config(dir: &std::path::Path, addr: std::net::SocketAddr, secret: &str, video
     path
 }
 
-fn video_block(codec: Codec) -> String {
+fn vp9() -> OfferedCodec {
+    OfferedCodec::new("video/VP9", "profile-id=0", 121)
+}
+
+/// The `video:` block with `video.codec` set to `codec`, or left out (the default, `auto`).
+fn video_block(codec: Option<&str>) -> String {
+    let codec = codec.map(|c| format!("  codec: {c}\n")).unwrap_or_default();
     format!(
-        "video:\n  enabled: true\n  source: testpattern\n  codec: {}\n  width: {WIDTH}\n  height: {HEIGHT}\n  \
-         framerate: {FRAMERATE}\n  includeLoopback: true\n",
-        codec.config_name()
+        "video:\n  enabled: true\n  source: testpattern\n{codec}  width: {WIDTH}\n  height: {HEIGHT}\n  \
+         framerate: {FRAMERATE}\n  includeLoopback: true\n"
     )
 }
 
@@ -374,15 +396,39 @@ fn check_h264(packets: &[rtp::Packet]) {
     assert!(keyframes >= 1, "no IDR frame among {} packets", packets.len());
 }
 
+/// The VP8 data of a packet: its payload without the payload descriptor (RFC 7741 4.2). Not the
+/// webrtc crate's depacketizer: it refuses payloads under 4 bytes, which the last fragment of a
+/// frame can be (browsers take them).
+fn vp8_data(payload: &[u8]) -> &[u8] {
+    assert!(payload.len() >= 2, "a VP8 payload of {} bytes", payload.len());
+    let first = payload[0];
+    let mut at = 1;
+    if first & 0x80 != 0 {
+        let ext = payload[1];
+        at = 2;
+        if ext & 0x80 != 0 {
+            // PictureID: 7 bits, or 15 with its M bit.
+            at += if payload[at] & 0x80 != 0 { 2 } else { 1 };
+        }
+        if ext & 0x40 != 0 {
+            at += 1; // TL0PICIDX
+        }
+        if ext & 0x30 != 0 {
+            at += 1; // TID / Y / KEYIDX
+        }
+    }
+    assert!(at < payload.len(), "a VP8 payload with no data: {payload:02x?}");
+    &payload[at..]
+}
+
 /// The VP8 checks (RFC 6386 9.1): key frames start with the start code and state the
 /// configured size, unscaled; frame sizes are plausible.
 fn check_vp8(packets: &[rtp::Packet]) {
     let mut keyframes = 0;
     for frame in frames(packets) {
-        let mut depacketizer = Vp8Packet::default();
         let mut data = Vec::new();
         for p in frame {
-            data.extend_from_slice(&depacketizer.depacketize(&p.payload).unwrap());
+            data.extend_from_slice(vp8_data(&p.payload));
         }
         assert!(data.len() >= 3 && data.len() < 1_000_000, "a {}-byte frame", data.len());
         let tag = u32::from(data[0]) | (u32::from(data[1]) << 8) | (u32::from(data[2]) << 16);
@@ -441,32 +487,13 @@ fn decode(codec: Codec, payload_type: u8, packets: Vec<Bytes>) -> Option<(&'stat
     Some((decoder, sizes))
 }
 
-/// The whole story for one codec: connect through the relay, receive, check, decode, PLI,
-/// leave.
-async fn stream_through_the_relay(codec: Codec) {
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(dir.path(), 0).await;
-    let addr = running.addr;
-    // `view` is all a pilot needs to watch.
-    let (secret, key) = fleet(&running, "view");
-    let cfg = config(dir.path(), addr, &secret, &video_block(codec));
-    let mut agent = RunningAgent::spawn(&cfg, &[]);
-    agent.wait_for_log("authenticated with the relay").await;
-
-    let session = format!("video-{}", codec.config_name());
-    let mut pilot = Pilot::offer_with(addr, &key, &session, Codec::offered(), None).await;
-    let ack = pilot.recv_until("the offer's ack", |v| v["correlationID"] == session.as_str()).await;
-    assert_eq!((&ack["type"], &ack["payload"]["status"]), (&json!("ack"), &json!("delivered")), "{ack}");
-    pilot.connected().await;
-
+/// Receives `FRAMES` frames from the first keyframe on and checks them as `codec`: the
+/// negotiated codec, the codec's headers, and a decoder's output.
+async fn receive_and_decode(pilot: &mut Pilot, codec: Codec) -> Stream {
     let mut stream = Stream::new(codec);
     let packets = collect(&mut stream, &mut pilot.packets).await;
     let negotiated = pilot.viewer.codec().await.expect("the track has a codec");
-    let mime = match codec {
-        Codec::H264 => "video/h264",
-        Codec::Vp8 => "video/vp8",
-    };
-    assert_eq!(negotiated.mime_type.to_ascii_lowercase(), mime, "{negotiated:?}");
+    assert_eq!(negotiated.mime_type.to_ascii_lowercase(), codec.mime(), "{negotiated:?}");
     assert_eq!(negotiated.clock_rate, 90_000);
     if codec == Codec::H264 {
         // The offer's packetization-mode=1 constrained-baseline entry, with the offer's number.
@@ -491,6 +518,29 @@ async fn stream_through_the_relay(codec: Codec) {
         }
         None => eprintln!("NOTE: no {codec:?} decoder element installed; the codec header check stands alone"),
     }
+    stream
+}
+
+/// The whole story for one session: an agent with `video.codec` set to `config_codec` (None:
+/// the default), a pilot offering `offered`; `codec` is what must arrive. Connect through the
+/// relay, receive, check, decode, PLI, leave.
+async fn stream_through_the_relay(config_codec: Option<&str>, offered: Vec<OfferedCodec>, codec: Codec) {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), 0).await;
+    let addr = running.addr;
+    // `view` is all a pilot needs to watch.
+    let (secret, key) = fleet(&running, "view");
+    let cfg = config(dir.path(), addr, &secret, &video_block(config_codec));
+    let mut agent = RunningAgent::spawn(&cfg, &[]);
+    agent.wait_for_log("authenticated with the relay").await;
+
+    let session = format!("video-{}-{}", config_codec.unwrap_or("default"), codec.config_name());
+    let mut pilot = Pilot::offer_with(addr, &key, &session, offered, None).await;
+    let ack = pilot.recv_until("the offer's ack", |v| v["correlationID"] == session.as_str()).await;
+    assert_eq!((&ack["type"], &ack["payload"]["status"]), (&json!("ack"), &json!("delivered")), "{ack}");
+    pilot.connected().await;
+
+    let mut stream = receive_and_decode(&mut pilot, codec).await;
 
     // A PLI brings a keyframe before the periodic one. The request races the encoder's own
     // schedule only if it arrives within a frame or two of it, so a few tries settle it.
@@ -521,12 +571,109 @@ async fn stream_through_the_relay(codec: Codec) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h264_test_pattern_reaches_a_webrtc_viewer_through_the_relay() {
-    stream_through_the_relay(Codec::H264).await;
+    stream_through_the_relay(Some("h264"), Codec::offered(), Codec::H264).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vp8_test_pattern_reaches_a_webrtc_viewer_through_the_relay() {
-    stream_through_the_relay(Codec::Vp8).await;
+    stream_through_the_relay(Some("vp8"), Codec::offered(), Codec::Vp8).await;
+}
+
+/// The default `video.codec` (`auto`) with Chrome's offer (H.264 and VP8): H.264.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_answers_an_offer_with_h264_and_vp8_in_h264() {
+    stream_through_the_relay(None, Codec::offered(), Codec::H264).await;
+}
+
+/// `auto` with Firefox's offer when it has no OpenH264 (VP8 and VP9 only): VP8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_answers_an_offer_without_h264_in_vp8() {
+    stream_through_the_relay(Some("auto"), Codec::firefox_without_openh264(), Codec::Vp8).await;
+}
+
+/// An offer with neither codec is refused with `negotiation_failed`, and the message names what
+/// the offer had and what the agent can send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_refuses_an_offer_with_neither_h264_nor_vp8_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), 0).await;
+    let addr = running.addr;
+    let (secret, key) = fleet(&running, "view");
+    let cfg = config(dir.path(), addr, &secret, &video_block(None));
+    let mut agent = RunningAgent::spawn(&cfg, &[]);
+    agent.wait_for_log("authenticated with the relay").await;
+
+    let offered = vec![vp9(), OfferedCodec::new("video/AV1", "", 99), OfferedCodec::new("video/rtx", "apt=121", 122)];
+    let mut pilot = Pilot::offer_with(addr, &key, "neither-1", offered, None).await;
+    let bye = pilot.recv_until("bye", |v| v["type"] == "webrtc" && v["payload"]["subtype"] == "bye").await;
+    assert_eq!((&bye["from"], &bye["payload"]["sessionID"]), (&json!("boat-7"), &json!("neither-1")), "{bye}");
+    assert_eq!(bye["payload"]["reason"], "negotiation_failed", "{bye}");
+    let message = bye["payload"]["message"].as_str().unwrap_or_default();
+    for part in ["video/H264", "packetization-mode=1", "video/VP8", "offered: video/VP9 profile-id=0, video/AV1"] {
+        assert!(message.contains(part), "the refusal {message:?} does not name {part:?}");
+    }
+    assert!(!message.contains("rtx"), "{message}");
+    // Nothing was started for it.
+    let line = agent.wait_for_log("cannot answer the video offer").await;
+    assert!(line.contains("neither-1"), "{line}");
+    pilot.viewer.close().await;
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Two pilots whose browsers agree on no codec watch at once: the agent answers one in H.264,
+/// the other in VP8, both encoded from the one test pattern (a camera is opened once); each
+/// codec's encoder goes when its last viewer leaves, comes back for a new one, and the pipeline
+/// stops with the last viewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_serves_h264_and_vp8_viewers_at_once_from_one_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), 0).await;
+    let addr = running.addr;
+    let (secret, key) = fleet(&running, "view");
+    let cfg = config(dir.path(), addr, &secret, &video_block(None));
+    let mut agent = RunningAgent::spawn(&cfg, &[]);
+    agent.wait_for_log("authenticated with the relay").await;
+
+    let mut chrome = Pilot::offer_with(addr, &key, "both-chrome", Codec::offered(), None).await;
+    chrome.connected().await;
+    let mut chrome_stream = receive_and_decode(&mut chrome, Codec::H264).await;
+    agent.wait_for_log("video pipeline started").await;
+
+    let mut firefox = Pilot::offer_with(addr, &key, "both-firefox", Codec::firefox_without_openh264(), None).await;
+    firefox.connected().await;
+    let line = agent.wait_for_log("video encoder added for a viewer").await;
+    assert!(line.contains("Vp8") && line.contains("vp8enc"), "{line}");
+    receive_and_decode(&mut firefox, Codec::Vp8).await;
+    // The H.264 viewer was not disturbed: its stream went on, in order, without loss.
+    let frame = chrome_stream.frame;
+    chrome_stream.until_frame(&mut chrome.packets, frame + 10).await;
+    assert_eq!(chrome_stream.gaps, 0);
+
+    // The VP8 viewer leaves: its encoder goes, H.264 goes on.
+    firefox.leave().await;
+    let line = agent.wait_for_log("its encoder removed").await;
+    assert!(line.contains("Vp8"), "{line}");
+    let frame = chrome_stream.frame;
+    chrome_stream.until_frame(&mut chrome.packets, frame + 10).await;
+    assert_eq!(chrome_stream.gaps, 0);
+
+    // A new VP8 viewer brings it back; then the H.264 one leaves, and VP8 goes on alone.
+    let mut firefox = Pilot::offer_with(addr, &key, "both-firefox-2", Codec::firefox_without_openh264(), None).await;
+    firefox.connected().await;
+    agent.wait_for_log("video encoder added for a viewer").await;
+    let mut firefox_stream = receive_and_decode(&mut firefox, Codec::Vp8).await;
+    chrome.leave().await;
+    let line = agent.wait_for_log("its encoder removed").await;
+    assert!(line.contains("H264"), "{line}");
+    let frame = firefox_stream.frame;
+    firefox_stream.until_frame(&mut firefox.packets, frame + 10).await;
+    firefox_stream.next_keyframe(&mut firefox.packets).await;
+
+    firefox.leave().await;
+    agent.wait_for_log("last viewer gone; video pipeline stopped").await;
+    chrome.viewer.close().await;
+    firefox.viewer.close().await;
+    running.shutdown(Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,8 +26,20 @@ async fn offer(addr: std::net::SocketAddr, key: &str, session: &str, mode: &str)
 }
 
 /// boat-7's config: the test pattern at a small size, loopback candidates (everything runs on
-/// one machine), and a keyframe only every 60 s unless someone asks.
+/// one machine), and a keyframe only every 60 s unless someone asks; `video.codec` left at its
+/// default (`auto`).
 fn config(dir: &std::path::Path, addr: std::net::SocketAddr, secret: &str) -> std::path::PathBuf {
+    config_with_codec(dir, addr, secret, None)
+}
+
+/// [`config`] with `video.codec` set to `codec` (None: the default).
+fn config_with_codec(
+    dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+    secret: &str,
+    codec: Option<&str>,
+) -> std::path::PathBuf {
+    let codec = codec.map(|c| format!("  codec: {c}\n")).unwrap_or_default();
     let path = dir.join("config.yaml");
     std::fs::write(
         &path,
@@ -35,7 +47,7 @@ fn config(dir: &std::path::Path, addr: std::net::SocketAddr, secret: &str) -> st
             "serverAddress: \"ws://{addr}/ws\"\nclientID: boat-7\nclientSecret: \"{secret}\"\nname: Boat 7\n\
              logLevel: info\nreconnectInterval: 0.2\n\
              telemetry:\n  systemMetrics: false\n  udp: \"\"\n  unixSocket: \"\"\n\
-             video:\n  enabled: true\n  source: testpattern\n  codec: h264\n  width: 320\n  height: 240\n  \
+             video:\n  enabled: true\n  source: testpattern\n{codec}  width: 320\n  height: 240\n  \
              framerate: 15\n  bitrateKbps: 300\n  minBitrateKbps: 100\n  keyframeInterval: 60\n  includeLoopback: true\n"
         ),
     )
@@ -307,6 +319,117 @@ async fn a_whep_client_watches_through_the_sfu() {
     let r = http.delete(&second_url).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 404);
     second.close().await;
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+/// What Debian's Firefox offers without its OpenH264 plugin: VP8 and VP9, no H.264.
+fn firefox_codecs() -> Vec<OfferedCodec> {
+    vec![
+        OfferedCodec::new("video/VP8", "max-fs=12288;max-fr=60", 120),
+        OfferedCodec::new("video/VP9", "profile-id=0", 121),
+    ]
+}
+
+/// Reads until a VP8 keyframe, then `n` frames (RTP timestamps) from it.
+async fn vp8_frames_from_keyframe(p: &mut Pilot, n: usize) {
+    let mut stamps: Vec<u32> = Vec::new();
+    while stamps.len() < n {
+        let pkt = p.next_packet().await;
+        if stamps.is_empty() && !media::gst::vp8_rtp_is_keyframe(&rtc::shared::marshal::Marshal::marshal(&pkt).unwrap())
+        {
+            continue;
+        }
+        if stamps.last() != Some(&pkt.header.timestamp) {
+            stamps.push(pkt.header.timestamp);
+        }
+    }
+}
+
+/// The relay does not transcode: the device's upstream is opened in a codec its first viewer
+/// decodes (Firefox without OpenH264: VP8, from an agent on the default `auto`), later viewers
+/// get that codec, and one that cannot decode it is refused with a message saying so, without
+/// disturbing the others. An offer with neither codec is refused before any upstream opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_codec_follows_the_first_viewer_and_a_viewer_without_it_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = relay(dir.path(), |_| {}).await;
+    let addr = running.addr;
+    let (secret, key) = fleet(&running, "view");
+    let mut agent = RunningAgent::spawn(&config(dir.path(), addr, &secret), &[]);
+    agent.wait_for_log("authenticated with the relay").await;
+
+    let vp9_only = vec![OfferedCodec::new("video/VP9", "profile-id=0", 121)];
+    let mut neither = Pilot::offer_with(addr, &key, "sfu-vp9", vp9_only, Some("sfu")).await;
+    let bye = neither.recv_until("bye", |v| v["payload"]["subtype"] == "bye").await;
+    assert_eq!(bye["payload"]["reason"], "sfu_failed", "{bye}");
+    let message = bye["payload"]["message"].as_str().unwrap_or_default();
+    for part in ["video/H264", "video/VP8", "offered: video/VP9"] {
+        assert!(message.contains(part), "{message:?} does not name {part:?}");
+    }
+    assert_eq!(running.relay.sfu.as_ref().unwrap().stats().publications, 0, "an upstream was opened for it");
+
+    let mut firefox = Pilot::offer_with(addr, &key, "sfu-firefox", firefox_codecs(), Some("sfu")).await;
+    firefox.connected().await;
+    vp8_frames_from_keyframe(&mut firefox, 10).await;
+    let negotiated = firefox.viewer.codec().await.unwrap();
+    assert_eq!(negotiated.mime_type.to_ascii_lowercase(), "video/vp8", "{negotiated:?}");
+    let line = agent.wait_for_log("video session started session=sfu-").await;
+    assert!(line.contains("codec=Vp8"), "the device answered the upstream in VP8: {line}");
+
+    // Chrome decodes VP8 too: it gets the same stream.
+    let mut chrome_codecs = OfferedCodec::chrome_like_h264();
+    chrome_codecs.push(OfferedCodec::vp8());
+    let mut chrome = Pilot::offer_with(addr, &key, "sfu-chrome", chrome_codecs, Some("sfu")).await;
+    chrome.connected().await;
+    vp8_frames_from_keyframe(&mut chrome, 10).await;
+    assert_eq!(chrome.viewer.codec().await.unwrap().mime_type.to_ascii_lowercase(), "video/vp8");
+    sfu_counts(&running, 1, 2).await;
+
+    // A viewer with H.264 alone cannot be served from a VP8 stream.
+    let mut h264_only = offer(addr, &key, "sfu-h264", "sfu").await;
+    let bye = h264_only.recv_until("bye", |v| v["payload"]["subtype"] == "bye").await;
+    assert_eq!(bye["payload"]["reason"], "sfu_failed", "{bye}");
+    let message = bye["payload"]["message"].as_str().unwrap_or_default();
+    for part in ["stream through the relay is video/VP8", "does not transcode", "offered: video/H264"] {
+        assert!(message.contains(part), "{message:?} does not name {part:?}");
+    }
+    // The others go on (the keyframe interval is 60 s: frames, not a keyframe, are awaited).
+    firefox.drain();
+    let mut stamps = std::collections::BTreeSet::new();
+    while stamps.len() < 5 {
+        stamps.insert(firefox.next_packet().await.header.timestamp);
+    }
+    sfu_counts(&running, 1, 2).await;
+
+    firefox.leave().await;
+    chrome.leave().await;
+    h264_only.viewer.close().await;
+    neither.viewer.close().await;
+    drop(agent);
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+/// An agent that sends H.264 only, and a first SFU viewer that decodes no H.264: the relay
+/// offers the device VP8 alone, the device refuses, and the viewer hears why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h264_only_agent_refuses_an_upstream_for_a_vp8_viewer_and_the_viewer_hears_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = relay(dir.path(), |_| {}).await;
+    let addr = running.addr;
+    let (secret, key) = fleet(&running, "view");
+    let mut agent = RunningAgent::spawn(&config_with_codec(dir.path(), addr, &secret, Some("h264")), &[]);
+    agent.wait_for_log("authenticated with the relay").await;
+
+    let mut firefox = Pilot::offer_with(addr, &key, "sfu-firefox", firefox_codecs(), Some("sfu")).await;
+    let bye = firefox.recv_until("bye", |v| v["payload"]["subtype"] == "bye").await;
+    assert_eq!(bye["payload"]["reason"], "sfu_failed", "{bye}");
+    let message = bye["payload"]["message"].as_str().unwrap_or_default();
+    for part in ["negotiation_failed", "can send as video/H264", "offered: video/VP8"] {
+        assert!(message.contains(part), "{message:?} does not name {part:?}");
+    }
+    sfu_counts(&running, 0, 0).await;
+    firefox.viewer.close().await;
+    drop(agent);
     running.shutdown(Duration::from_secs(5)).await;
 }
 

@@ -7,6 +7,10 @@
 //! `TrackLocalStaticRTP`. Feed the receiver's feedback back in: a bandwidth estimate (REMB, TWCC or
 //! loss) through [`VideoPipeline::set_bitrate`], a PLI/FIR through [`VideoPipeline::request_keyframe`].
 //!
+//! One pipeline can encode the source in both codecs at once: [`VideoPipeline::add_codec`] adds
+//! an encoder (its own channel) behind the same source, [`VideoPipeline::remove_codec`] takes
+//! one out, and the `_for` methods address one codec's encoder.
+//!
 //! The channel is never waited on: when it is full the packet is dropped and counted in
 //! [`PipelineStats::dropped_packets`], so a slow consumer costs frames, not capture latency.
 //!
@@ -15,6 +19,7 @@
 //! and [`VideoPipeline::error`] says why (`None` after a clean end of stream). Every bus error and
 //! warning is also logged with `tracing`.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -450,7 +455,7 @@ fn set_str(element: &gst::Element, name: &str, nick: &str) {
 /// The plugin and Debian package that provide an element, for [`MediaError::MissingElement`].
 fn provider(element: &str) -> (&'static str, &'static str) {
     match element {
-        "capsfilter" | "queue" | "filesrc" => ("coreelements", "libgstreamer1.0-0"),
+        "capsfilter" | "queue" | "filesrc" | "tee" | "clocksync" => ("coreelements", "libgstreamer1.0-0"),
         "videotestsrc" => ("videotestsrc", "gstreamer1.0-plugins-base"),
         "videoconvert" => ("videoconvert", "gstreamer1.0-plugins-base"),
         "videoscale" => ("videoscale", "gstreamer1.0-plugins-base"),
@@ -490,7 +495,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// State shared by the appsink callback (streaming thread), the bus thread and the owner.
+/// One encoder branch's state, shared by its appsink callback (streaming thread), the bus thread
+/// and the owner.
 #[derive(Default)]
 struct Shared {
     packets: AtomicU64,
@@ -498,15 +504,22 @@ struct Shared {
     dropped: AtomicU64,
     keyframes_requested: AtomicU64,
     bitrate_kbps: AtomicU32,
-    ended: AtomicBool,
-    /// First error the bus reported; later ones are usually its consequences.
+    /// First error an element of this branch reported.
     error: Mutex<Option<MediaError>>,
-    /// The packet channel. Taken (which closes it for the receiver) when the pipeline ends, fails
-    /// or is stopped, so the consumer learns of it from `recv()` returning `None`.
+    /// The packet channel. Taken (which closes it for the receiver) when the branch or the whole
+    /// pipeline ends, fails or is stopped, so the consumer learns of it from `recv()` returning
+    /// `None`.
     sender: Mutex<Option<mpsc::Sender<Bytes>>>,
 }
 
 impl Shared {
+    fn with_sender(packets: mpsc::Sender<Bytes>, kbps: u32) -> Shared {
+        let shared = Shared::default();
+        *lock(&shared.sender) = Some(packets);
+        shared.bitrate_kbps.store(kbps, Ordering::Relaxed);
+        shared
+    }
+
     fn deliver(&self, packet: Bytes) {
         let len = packet.len() as u64;
         let sent = match lock(&self.sender).as_ref() {
@@ -531,42 +544,165 @@ impl Shared {
     }
 }
 
-/// A running capture -> encode -> RTP pipeline.
-///
-/// Dropping it (or [`stop`](Self::stop)) sets the pipeline to NULL, joins its bus thread and closes
-/// the packet channel. It is `Send + Sync`: share it behind an `Arc` between the RTP forwarder and
-/// the RTCP reader that calls [`set_bitrate`](Self::set_bitrate) and
-/// [`request_keyframe`](Self::request_keyframe).
-pub struct VideoPipeline {
-    pipeline: gst::Pipeline,
-    /// The live encoder, for bitrate changes.
+/// What the bus thread and the owner share about the whole pipeline.
+#[derive(Default)]
+struct PipelineShared {
+    /// The source reached its end: every branch's channel is closed.
+    ended: AtomicBool,
+    /// First error of the source or of the chain every branch shares; it ends every branch.
+    error: Mutex<Option<MediaError>>,
+    /// The attached branches, by the prefix of their elements' names, so the bus thread can tell
+    /// whose error it is.
+    branches: Mutex<Vec<(String, Arc<Shared>)>>,
+}
+
+impl PipelineShared {
+    fn attach(&self, prefix: &str, branch: Arc<Shared>) {
+        lock(&self.branches).push((prefix.to_owned(), branch));
+    }
+
+    fn detach(&self, prefix: &str) {
+        lock(&self.branches).retain(|(p, _)| p != prefix);
+    }
+
+    /// The attached branch `element` belongs to.
+    fn branch_of(&self, element: &str) -> Option<Arc<Shared>> {
+        lock(&self.branches).iter().find(|(p, _)| element.starts_with(p.as_str())).map(|(_, b)| Arc::clone(b))
+    }
+
+    fn close_all(&self) {
+        for (_, branch) in lock(&self.branches).iter() {
+            branch.close();
+        }
+    }
+
+    fn fail(&self, error: MediaError) {
+        lock(&self.error).get_or_insert(error);
+        self.close_all();
+    }
+}
+
+/// The name prefix of a branch's elements: `enc<n>-<codec>-`, `n` counting the branches a
+/// pipeline ever had, so a late message from a removed branch is never taken for its successor's.
+fn branch_prefix(n: u32, codec: Codec) -> String {
+    format!("enc{n}-{codec}-")
+}
+
+/// Whether `element` is named like a branch's element (attached or not).
+fn is_branch_element(element: &str) -> bool {
+    element
+        .strip_prefix("enc")
+        .and_then(|rest| rest.split_once('-'))
+        .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The encoders to try for `codec`, best first: for H.264 the hardware ones GStreamer has, then
+/// x264enc.
+fn encoder_candidates(codec: Codec) -> Vec<Encoder> {
+    match codec {
+        Codec::H264 => {
+            Encoder::HARDWARE_H264.into_iter().filter(|e| element_exists(e.factory())).chain([Encoder::X264]).collect()
+        }
+        Codec::Vp8 => vec![Encoder::Vp8],
+    }
+}
+
+/// One codec's encoder: `tee -> queue -> videoconvert -> encoder -> [caps -> h264parse] ->
+/// payloader -> appsink`, with its own packet channel.
+struct Branch {
+    prefix: String,
     encoder: gst::Element,
     encoder_kind: Encoder,
     /// Where keyframe requests enter: upstream events sent to the sink travel through the
-    /// payloader and parser, which add the parameter sets the new keyframe needs.
+    /// payloader and parser, which add the parameter sets the new keyframe needs, to the encoder.
     appsink: gst::Element,
-    settings: VideoSettings,
+    /// From the queue to the appsink.
+    elements: Vec<gst::Element>,
+    /// The tee's request pad feeding the queue.
+    tee_pad: gst::Pad,
     /// Held while a new bitrate is recorded and applied, so concurrent callers cannot leave the
     /// encoder on a different value than the one recorded.
     bitrate_change: Mutex<()>,
     shared: Arc<Shared>,
+}
+
+impl Branch {
+    fn set_bitrate(&self, settings: &VideoSettings, kbps: u32) -> u32 {
+        let kbps = settings.clamp_bitrate(kbps);
+        let _guard = lock(&self.bitrate_change);
+        if self.shared.bitrate_kbps.swap(kbps, Ordering::Relaxed) != kbps {
+            self.encoder_kind.apply_bitrate(&self.encoder, settings, kbps);
+            tracing::debug!(encoder = self.encoder_kind.factory(), kbps, "encoder bitrate changed");
+        }
+        kbps
+    }
+
+    fn request_keyframe(&self) {
+        self.shared.keyframes_requested.fetch_add(1, Ordering::Relaxed);
+        let event = gst_video::UpstreamForceKeyUnitEvent::builder().all_headers(true).build();
+        if !self.appsink.send_event(event) {
+            tracing::debug!(
+                encoder = self.encoder_kind.factory(),
+                "force-key-unit event not handled (pipeline not running?)"
+            );
+        }
+    }
+
+    fn stats(&self, pipeline: &PipelineShared) -> PipelineStats {
+        let s = &self.shared;
+        PipelineStats {
+            packets: s.packets.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            dropped_packets: s.dropped.load(Ordering::Relaxed),
+            keyframes_requested: s.keyframes_requested.load(Ordering::Relaxed),
+            bitrate_kbps: s.bitrate_kbps.load(Ordering::Relaxed),
+            ended: pipeline.ended.load(Ordering::Relaxed),
+            failed: lock(&s.error).is_some() || lock(&pipeline.error).is_some(),
+        }
+    }
+}
+
+/// A running capture -> encode -> RTP pipeline: one source, scaled and paced once, feeding one
+/// encoder per codec in use through a `tee`, each encoder with its own packet channel.
+///
+/// [`start`](Self::start) builds it with the settings' codec. [`add_codec`](Self::add_codec)
+/// adds an encoder for another codec while it runs (a viewer that can only decode VP8 while
+/// others watch H.264), [`remove_codec`](Self::remove_codec) takes one out; the source is opened
+/// once whatever the number of encoders (a V4L2 camera streams to one reader only). The methods
+/// without a codec act on the codec the pipeline was started with; the `_for` ones on any.
+///
+/// Dropping it (or [`stop`](Self::stop)) sets the pipeline to NULL, joins its bus thread and closes
+/// every packet channel. It is `Send + Sync`: share it behind an `Arc` between the RTP forwarder
+/// and the RTCP reader that calls [`set_bitrate`](Self::set_bitrate) and
+/// [`request_keyframe`](Self::request_keyframe).
+pub struct VideoPipeline {
+    pipeline: gst::Pipeline,
+    /// Where the encoders' branches start.
+    tee: gst::Element,
+    settings: VideoSettings,
+    shared: Arc<PipelineShared>,
+    branches: Mutex<HashMap<Codec, Arc<Branch>>>,
+    /// Numbers the branches (see [`branch_prefix`]).
+    next_branch: AtomicU32,
     bus_thread: Option<JoinHandle<()>>,
 }
 
 impl fmt::Debug for VideoPipeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let encoders: Vec<(Codec, &'static str)> =
+            lock(&self.branches).iter().map(|(c, b)| (*c, b.encoder_kind.factory())).collect();
         f.debug_struct("VideoPipeline")
             .field("source", &self.settings.source)
-            .field("encoder", &self.encoder_kind.factory())
+            .field("encoders", &encoders)
             .field("stats", &self.stats())
             .finish()
     }
 }
 
 impl VideoPipeline {
-    /// Builds and plays the pipeline; every RTP packet (payloaded with MTU 1200) is handed to
-    /// `packets` with `try_send`: a full channel drops the packet and counts it, so the streaming
-    /// thread never blocks.
+    /// Builds and plays the pipeline with one encoder, for `settings.codec`; every RTP packet
+    /// (payloaded with MTU 1200) is handed to `packets` with `try_send`: a full channel drops the
+    /// packet and counts it, so the streaming thread never blocks.
     ///
     /// For H.264 a hardware encoder is used when GStreamer has one (vaapih264enc, v4l2h264enc,
     /// nvh264enc), falling back to x264enc if it cannot start.
@@ -582,14 +718,7 @@ impl VideoPipeline {
             }
             _ => {}
         }
-        let candidates: Vec<Encoder> = match settings.codec {
-            Codec::H264 => Encoder::HARDWARE_H264
-                .into_iter()
-                .filter(|e| element_exists(e.factory()))
-                .chain([Encoder::X264])
-                .collect(),
-            Codec::Vp8 => vec![Encoder::Vp8],
-        };
+        let candidates = encoder_candidates(settings.codec);
         let mut last_error = None;
         for (i, encoder) in candidates.iter().copied().enumerate() {
             match Self::try_start(settings, encoder, packets.clone()) {
@@ -609,13 +738,16 @@ impl VideoPipeline {
         encoder_kind: Encoder,
         packets: mpsc::Sender<Bytes>,
     ) -> Result<VideoPipeline, MediaError> {
-        let shared = Arc::new(Shared::default());
-        *lock(&shared.sender) = Some(packets);
+        let shared = Arc::new(PipelineShared::default());
         let kbps = settings.clamp_bitrate(settings.bitrate_kbps);
-        shared.bitrate_kbps.store(kbps, Ordering::Relaxed);
 
         let pipeline = gst::Pipeline::with_name("tether-video");
-        let (encoder, appsink) = build(&pipeline, settings, encoder_kind, kbps, &shared)?;
+        let tee = build_source(&pipeline, settings)?;
+        let prefix = branch_prefix(0, settings.codec);
+        let parts =
+            build_branch(&pipeline, &shared, settings, settings.codec, encoder_kind, kbps, false, &prefix, packets)?;
+        let tee_pad = link_to_tee(&tee, &parts.elements[0])?;
+        shared.attach(&prefix, Arc::clone(&parts.shared));
 
         let bus = pipeline.bus().ok_or_else(|| MediaError::Build("pipeline has no bus".into()))?;
         if pipeline.set_state(gst::State::Playing).is_err() {
@@ -649,49 +781,187 @@ impl VideoPipeline {
             kbps,
             "video pipeline playing"
         );
+        let branch = Branch {
+            prefix,
+            encoder: parts.encoder,
+            encoder_kind,
+            appsink: parts.appsink,
+            elements: parts.elements,
+            tee_pad,
+            bitrate_change: Mutex::new(()),
+            shared: parts.shared,
+        };
         Ok(VideoPipeline {
             pipeline,
-            encoder,
-            encoder_kind,
-            appsink,
+            tee,
             settings: settings.clone(),
-            bitrate_change: Mutex::new(()),
             shared,
+            branches: Mutex::new(HashMap::from([(settings.codec, Arc::new(branch))])),
+            next_branch: AtomicU32::new(1),
             bus_thread: Some(bus_thread),
         })
     }
 
+    /// Adds an encoder for `codec` to the running pipeline, its packets handed to `packets` as
+    /// [`start`](Self::start) does; returns the encoder's element name. Its first frame is a
+    /// keyframe. Fails if the pipeline already encodes `codec`, or has ended or failed.
+    pub fn add_codec(&self, codec: Codec, packets: mpsc::Sender<Bytes>) -> Result<&'static str, MediaError> {
+        let mut branches = lock(&self.branches);
+        if branches.contains_key(&codec) {
+            return Err(MediaError::InvalidSettings(format!("the pipeline already encodes {codec}")));
+        }
+        if let Some(error) = lock(&self.shared.error).clone() {
+            return Err(error);
+        }
+        let source_ended =
+            self.tee.static_pad("sink").is_some_and(|pad| pad.sticky_event::<gst::event::Eos>(0).is_some());
+        if self.shared.ended.load(Ordering::Relaxed) || source_ended {
+            return Err(MediaError::Build("the video source has ended".into()));
+        }
+        let kbps = self.settings.clamp_bitrate(self.settings.bitrate_kbps);
+        let candidates = encoder_candidates(codec);
+        let mut last_error = None;
+        for (i, encoder_kind) in candidates.iter().copied().enumerate() {
+            let prefix = branch_prefix(self.next_branch.fetch_add(1, Ordering::Relaxed), codec);
+            match self.attach_branch(codec, encoder_kind, kbps, &prefix, packets.clone()) {
+                Ok(branch) => {
+                    tracing::info!(%codec, encoder = encoder_kind.factory(), kbps, "video encoder added");
+                    branches.insert(codec, Arc::new(branch));
+                    return Ok(encoder_kind.factory());
+                }
+                Err(error @ MediaError::Pipeline { .. }) if i + 1 < candidates.len() => {
+                    tracing::warn!(encoder = encoder_kind.factory(), %error, "encoder failed to start; trying the next one");
+                    last_error = Some(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| MediaError::Build("no encoder available".into())))
+    }
+
+    fn attach_branch(
+        &self,
+        codec: Codec,
+        encoder_kind: Encoder,
+        kbps: u32,
+        prefix: &str,
+        packets: mpsc::Sender<Bytes>,
+    ) -> Result<Branch, MediaError> {
+        let parts = build_branch(
+            &self.pipeline,
+            &self.shared,
+            &self.settings,
+            codec,
+            encoder_kind,
+            kbps,
+            true,
+            prefix,
+            packets,
+        )?;
+        // Sink first, so nothing reaches an element that is not playing yet; a hardware encoder
+        // that cannot open its device fails here.
+        for element in parts.elements.iter().rev() {
+            if element.sync_state_with_parent().is_err() {
+                discard(&self.pipeline, &parts.elements);
+                return Err(MediaError::Pipeline {
+                    element: element.name().to_string(),
+                    message: "the element refused to start".into(),
+                    debug: None,
+                });
+            }
+        }
+        self.shared.attach(prefix, Arc::clone(&parts.shared));
+        let tee_pad = match link_to_tee(&self.tee, &parts.elements[0]) {
+            Ok(pad) => pad,
+            Err(error) => {
+                self.shared.detach(prefix);
+                discard(&self.pipeline, &parts.elements);
+                return Err(error);
+            }
+        };
+        Ok(Branch {
+            prefix: prefix.to_owned(),
+            encoder: parts.encoder,
+            encoder_kind,
+            appsink: parts.appsink,
+            elements: parts.elements,
+            tee_pad,
+            bitrate_change: Mutex::new(()),
+            shared: parts.shared,
+        })
+    }
+
+    /// Takes `codec`'s encoder out of the running pipeline and closes its packet channel; the
+    /// source and the other encoders go on. False if the pipeline does not encode `codec`.
+    pub fn remove_codec(&self, codec: Codec) -> bool {
+        let Some(branch) = lock(&self.branches).remove(&codec) else { return false };
+        self.shared.detach(&branch.prefix);
+        branch.shared.close();
+        let Some(queue_sink) = branch.elements[0].static_pad("sink") else { return true };
+        let (pipeline, tee, elements) = (self.pipeline.clone(), self.tee.clone(), branch.elements.clone());
+        // Between two buffers (at once if none is flowing): unlink, release the tee's pad, stop
+        // and remove the branch's elements.
+        branch.tee_pad.add_probe(gst::PadProbeType::IDLE, move |pad, _| {
+            let _ = pad.unlink(&queue_sink);
+            tee.release_request_pad(pad);
+            discard(&pipeline, &elements);
+            gst::PadProbeReturn::Remove
+        });
+        tracing::info!(%codec, encoder = branch.encoder_kind.factory(), "video encoder removed");
+        true
+    }
+
+    /// The codecs the pipeline encodes now.
+    pub fn codecs(&self) -> Vec<Codec> {
+        lock(&self.branches).keys().copied().collect()
+    }
+
+    fn branch(&self, codec: Codec) -> Option<Arc<Branch>> {
+        lock(&self.branches).get(&codec).cloned()
+    }
+
     /// Clamps `kbps` to the configured bounds, applies it to the live encoder and returns the value set.
     pub fn set_bitrate(&self, kbps: u32) -> u32 {
-        let kbps = self.settings.clamp_bitrate(kbps);
-        let _guard = lock(&self.bitrate_change);
-        if self.shared.bitrate_kbps.swap(kbps, Ordering::Relaxed) != kbps {
-            self.encoder_kind.apply_bitrate(&self.encoder, &self.settings, kbps);
-            tracing::debug!(kbps, "encoder bitrate changed");
-        }
-        kbps
+        self.set_bitrate_for(self.settings.codec, kbps).unwrap_or_else(|| self.settings.clamp_bitrate(kbps))
+    }
+
+    /// [`set_bitrate`](Self::set_bitrate) on `codec`'s encoder; None if there is none.
+    pub fn set_bitrate_for(&self, codec: Codec, kbps: u32) -> Option<u32> {
+        self.branch(codec).map(|b| b.set_bitrate(&self.settings, kbps))
     }
 
     /// The bitrate the encoder element reports now, in kbit/s (`None` where the element does not
     /// expose it as a property, as v4l2h264enc).
     pub fn encoder_bitrate_kbps(&self) -> Option<u32> {
-        self.encoder_kind.bitrate_kbps(&self.encoder)
+        self.encoder_bitrate_kbps_for(self.settings.codec)
+    }
+
+    /// [`encoder_bitrate_kbps`](Self::encoder_bitrate_kbps) of `codec`'s encoder.
+    pub fn encoder_bitrate_kbps_for(&self, codec: Codec) -> Option<u32> {
+        self.branch(codec).and_then(|b| b.encoder_kind.bitrate_kbps(&b.encoder))
     }
 
     /// Asks the encoder for a keyframe (with SPS/PPS for H.264) as soon as possible, as a PLI or
     /// FIR from a receiver requires. Cheap to call on every PLI: forced keyframes are at least
     /// 250 ms apart, and requests in between are served by the next one.
     pub fn request_keyframe(&self) {
-        self.shared.keyframes_requested.fetch_add(1, Ordering::Relaxed);
-        let event = gst_video::UpstreamForceKeyUnitEvent::builder().all_headers(true).build();
-        if !self.appsink.send_event(event) {
-            tracing::debug!("force-key-unit event not handled (pipeline not running?)");
-        }
+        self.request_keyframe_for(self.settings.codec);
     }
 
-    /// The encoder's element name: `x264enc`, `vaapih264enc`, `v4l2h264enc`, `nvh264enc` or `vp8enc`.
-    pub fn encoder(&self) -> &str {
-        self.encoder_kind.factory()
+    /// [`request_keyframe`](Self::request_keyframe) of `codec`'s encoder; false if there is none.
+    pub fn request_keyframe_for(&self, codec: Codec) -> bool {
+        self.branch(codec).map(|b| b.request_keyframe()).is_some()
+    }
+
+    /// The encoder's element name: `x264enc`, `vaapih264enc`, `v4l2h264enc`, `nvh264enc` or
+    /// `vp8enc` (`none` once that codec's encoder was removed).
+    pub fn encoder(&self) -> &'static str {
+        self.encoder_for(self.settings.codec).unwrap_or("none")
+    }
+
+    /// The element name of `codec`'s encoder.
+    pub fn encoder_for(&self, codec: Codec) -> Option<&'static str> {
+        self.branch(codec).map(|b| b.encoder_kind.factory())
     }
 
     /// The settings the pipeline was started with.
@@ -699,27 +969,36 @@ impl VideoPipeline {
         &self.settings
     }
 
-    /// Counters and liveness.
+    /// Counters and liveness of the encoder the pipeline was started with.
     pub fn stats(&self) -> PipelineStats {
-        let s = &self.shared;
-        PipelineStats {
-            packets: s.packets.load(Ordering::Relaxed),
-            bytes: s.bytes.load(Ordering::Relaxed),
-            dropped_packets: s.dropped.load(Ordering::Relaxed),
-            keyframes_requested: s.keyframes_requested.load(Ordering::Relaxed),
-            bitrate_kbps: s.bitrate_kbps.load(Ordering::Relaxed),
-            ended: s.ended.load(Ordering::Relaxed),
-            failed: lock(&s.error).is_some(),
-        }
+        self.stats_for(self.settings.codec).unwrap_or_else(|| PipelineStats {
+            ended: self.shared.ended.load(Ordering::Relaxed),
+            failed: lock(&self.shared.error).is_some(),
+            ..PipelineStats::default()
+        })
     }
 
-    /// Why the pipeline died, if it did: the first error its bus reported. `None` while it runs
-    /// and after a clean end of stream.
+    /// Counters and liveness of `codec`'s encoder.
+    pub fn stats_for(&self, codec: Codec) -> Option<PipelineStats> {
+        self.branch(codec).map(|b| b.stats(&self.shared))
+    }
+
+    /// Why the pipeline died, if it did: the first error its bus reported (the source's, else
+    /// that of the encoder it was started with). `None` while it runs and after a clean end of
+    /// stream.
     pub fn error(&self) -> Option<MediaError> {
-        lock(&self.shared.error).clone()
+        self.error_for(self.settings.codec)
     }
 
-    /// Stops the pipeline (to NULL), joins its bus thread and closes the packet channel.
+    /// Why `codec`'s encoder stopped, if it failed: the source's error, else its own.
+    pub fn error_for(&self, codec: Codec) -> Option<MediaError> {
+        if let Some(e) = lock(&self.shared.error).clone() {
+            return Some(e);
+        }
+        self.branch(codec).and_then(|b| lock(&b.shared.error).clone())
+    }
+
+    /// Stops the pipeline (to NULL), joins its bus thread and closes the packet channels.
     pub fn stop(self) {
         drop(self);
     }
@@ -734,7 +1013,10 @@ impl VideoPipeline {
             let _ = thread.join();
         }
         let _ = self.pipeline.set_state(gst::State::Null);
-        self.shared.close();
+        self.shared.close_all();
+        for branch in lock(&self.branches).values() {
+            branch.shared.close();
+        }
     }
 }
 
@@ -742,6 +1024,26 @@ impl Drop for VideoPipeline {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Stops elements taken out of (or never joined to) the flow and removes them from `pipeline`.
+fn discard(pipeline: &gst::Pipeline, elements: &[gst::Element]) {
+    for element in elements {
+        let _ = element.set_state(gst::State::Null);
+    }
+    let _ = pipeline.remove_many(elements);
+}
+
+/// Requests a pad of `tee` and links it to `first`'s sink pad.
+fn link_to_tee(tee: &gst::Element, first: &gst::Element) -> Result<gst::Pad, MediaError> {
+    let tee_pad = tee.request_pad_simple("src_%u").ok_or_else(|| MediaError::Build("the tee gave no pad".into()))?;
+    let sink =
+        first.static_pad("sink").ok_or_else(|| MediaError::Build(format!("{} has no sink pad", first.name())))?;
+    if let Err(e) = tee_pad.link(&sink) {
+        tee.release_request_pad(&tee_pad);
+        return Err(MediaError::Build(format!("could not link the tee to {}: {e:?}", first.name())));
+    }
+    Ok(tee_pad)
 }
 
 /// Turns an error message from the bus into a [`MediaError::Pipeline`].
@@ -757,7 +1059,7 @@ fn pipeline_error(msg: &gst::Message) -> Option<MediaError> {
 }
 
 /// Runs on its own thread until [`VideoPipeline::shutdown`] posts the stop message.
-fn watch_bus(bus: &gst::Bus, shared: &Shared) {
+fn watch_bus(bus: &gst::Bus, shared: &PipelineShared) {
     while let Some(msg) = bus.timed_pop(gst::ClockTime::NONE) {
         match msg.view() {
             gst::MessageView::Application(app) if app.structure().is_some_and(|s| s.name() == STOP_MESSAGE) => {
@@ -765,12 +1067,27 @@ fn watch_bus(bus: &gst::Bus, shared: &Shared) {
             }
             gst::MessageView::Error(_) => {
                 if let Some(error) = pipeline_error(&msg) {
-                    let details = match &error {
-                        MediaError::Pipeline { debug, .. } => debug.clone().unwrap_or_default(),
-                        _ => String::new(),
+                    let (element, details) = match &error {
+                        MediaError::Pipeline { element, debug, .. } => {
+                            (element.clone(), debug.clone().unwrap_or_default())
+                        }
+                        _ => (String::new(), String::new()),
                     };
-                    tracing::error!(%error, details, "video pipeline failed");
-                    shared.fail(error);
+                    match shared.branch_of(&element) {
+                        Some(branch) => {
+                            tracing::error!(%error, details, "a video encoder failed");
+                            branch.fail(error);
+                        }
+                        // A branch being added (an encoder that could not start, tried no
+                        // further) or already removed: nobody reads it.
+                        None if is_branch_element(&element) => {
+                            tracing::debug!(%error, "an encoder that is not attached reported an error");
+                        }
+                        None => {
+                            tracing::error!(%error, details, "video pipeline failed");
+                            shared.fail(error);
+                        }
+                    }
                 }
             }
             gst::MessageView::Warning(w) => {
@@ -780,21 +1097,16 @@ fn watch_bus(bus: &gst::Bus, shared: &Shared) {
             gst::MessageView::Eos(_) => {
                 tracing::info!("video source ended");
                 shared.ended.store(true, Ordering::Relaxed);
-                shared.close();
+                shared.close_all();
             }
             _ => {}
         }
     }
 }
 
-/// Adds the elements to `pipeline` and links them; returns the encoder and the appsink.
-fn build(
-    pipeline: &gst::Pipeline,
-    settings: &VideoSettings,
-    encoder_kind: Encoder,
-    kbps: u32,
-    shared: &Arc<Shared>,
-) -> Result<(gst::Element, gst::Element), MediaError> {
+/// Adds the source and the chain every encoder shares (convert, scale, rate, the test pattern's
+/// time code and clock) to `pipeline`, ending in a `tee`; returns the tee.
+fn build_source(pipeline: &gst::Pipeline, settings: &VideoSettings) -> Result<gst::Element, MediaError> {
     let link_err = |e: glib::BoolError| MediaError::Build(e.to_string());
     let add = |elements: &[&gst::Element]| pipeline.add_many(elements.iter().copied()).map_err(link_err);
 
@@ -814,7 +1126,6 @@ fn build(
     );
     add(&[&convert, &scale, &rate, &raw_caps])?;
     gst::Element::link_many([&convert, &scale, &rate, &raw_caps]).map_err(link_err)?;
-
     let live = match &settings.source {
         Source::TestPattern => {
             let src = make("videotestsrc", "videotestsrc")?;
@@ -881,19 +1192,65 @@ fn build(
         }
     }
 
-    // A leaky queue: if the encoder falls behind, old frames are dropped instead of piling up latency.
-    let queue = make("queue", "encoder-queue")?;
+    // A file is played in real time, as a camera delivers: otherwise it is decoded as fast as
+    // the machine can, and the encoders' leaky queues drop most of it.
+    if !live {
+        let pace = make("clocksync", "clocksync")?;
+        add(&[&pace])?;
+        tail.link(&pace).map_err(link_err)?;
+        tail = pace;
+    }
+    // Every encoder's branch starts here. A pad that is not linked (for a moment, between two
+    // branches) must not stop the source.
+    let tee = make("tee", "tee")?;
+    set_bool(&tee, "allow-not-linked", true);
+    add(&[&tee])?;
+    tail.link(&tee).map_err(link_err)?;
+    Ok(tee)
+}
+
+/// What [`build_branch`] made.
+struct BranchParts {
+    /// From the queue to the appsink, linked.
+    elements: Vec<gst::Element>,
+    encoder: gst::Element,
+    appsink: gst::Element,
+    shared: Arc<Shared>,
+}
+
+/// Adds one encoder's elements to `pipeline`, named `<prefix><factory>`, and links them (not
+/// yet to the tee); its packets go to `packets`. `added`: to a pipeline already playing.
+/// Nothing is left in the pipeline on failure.
+#[allow(clippy::too_many_arguments)]
+fn build_branch(
+    pipeline: &gst::Pipeline,
+    pipeline_shared: &Arc<PipelineShared>,
+    settings: &VideoSettings,
+    codec: Codec,
+    encoder_kind: Encoder,
+    kbps: u32,
+    added: bool,
+    prefix: &str,
+    packets: mpsc::Sender<Bytes>,
+) -> Result<BranchParts, MediaError> {
+    let name = |element: &str| format!("{prefix}{element}");
+    // A leaky queue: if the encoder falls behind, old frames are dropped instead of piling up
+    // latency (and a slow encoder does not hold up the others).
+    let queue = make("queue", &name("queue"))?;
     set_number(&queue, "max-size-buffers", 2);
     set_number(&queue, "max-size-bytes", 0);
     set_number(&queue, "max-size-time", 0);
     set_str(&queue, "leaky", "downstream");
+    // Each encoder takes the raw format it likes best; a no-op when the shared chain already
+    // delivers it.
+    let convert = make("videoconvert", &name("videoconvert"))?;
 
-    let encoder = make(encoder_kind.factory(), encoder_kind.factory())?;
+    let encoder = make(encoder_kind.factory(), &name(encoder_kind.factory()))?;
     encoder_kind.configure(&encoder, settings, kbps);
-    let mut chain = vec![queue, encoder.clone()];
-    match settings.codec {
+    let mut chain = vec![queue, convert, encoder.clone()];
+    match codec {
         Codec::H264 => {
-            let caps = make("capsfilter", "h264-caps")?;
+            let caps = make("capsfilter", &name("h264-caps"))?;
             caps.set_property(
                 "caps",
                 gst::Caps::builder("video/x-h264")
@@ -901,9 +1258,9 @@ fn build(
                     .field("stream-format", "byte-stream")
                     .build(),
             );
-            let parse = make("h264parse", "h264parse")?;
+            let parse = make("h264parse", &name("h264parse"))?;
             set_number_signed(&parse, "config-interval", -1);
-            let pay = make("rtph264pay", "rtph264pay")?;
+            let pay = make("rtph264pay", &name("rtph264pay"))?;
             // h264parse already puts SPS/PPS at the head of every keyframe. With -1 here the
             // payloader inserts them again before *each* IDR slice, and x264 cuts a frame into
             // several slices: parameter sets between two slices of one picture start a new
@@ -914,7 +1271,7 @@ fn build(
             chain.extend([caps, parse, pay]);
         }
         Codec::Vp8 => {
-            let pay = make("rtpvp8pay", "rtpvp8pay")?;
+            let pay = make("rtpvp8pay", &name("rtpvp8pay"))?;
             chain.push(pay);
         }
     }
@@ -922,14 +1279,21 @@ fn build(
     set_number(&pay, "mtu", u64::from(RTP_MTU));
     set_number(&pay, "pt", u64::from(RTP_PAYLOAD_TYPE));
 
+    let shared = Arc::new(Shared::with_sender(packets, kbps));
     let appsink = gst_app::AppSink::builder()
-        .name("rtp-sink")
-        .sync(!live)
+        .name(name("rtp-sink"))
+        // The source is paced (a camera, a test pattern, a file through `clocksync`): packets
+        // leave as soon as they are made.
+        .sync(false)
+        // An encoder added to a playing pipeline must not make the whole pipeline wait for its
+        // first buffer again (live sources never do anyway).
+        .async_(!added)
         .drop(true)
         .max_buffers(8)
         .enable_last_sample(false)
         .build();
-    let shared_cb = Arc::clone(shared);
+    let shared_cb = Arc::clone(&shared);
+    let (shared_eos, pipeline_eos) = (Arc::clone(&shared), Arc::downgrade(pipeline_shared));
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |sink| {
@@ -940,14 +1304,25 @@ fn build(
                 }
                 Ok(gst::FlowSuccess::Ok)
             })
+            // The source's end reached this encoder: its channel closes now, whether or not the
+            // pipeline's own end-of-stream message (which waits for every sink) comes.
+            .eos(move |_| {
+                if let Some(p) = pipeline_eos.upgrade() {
+                    p.ended.store(true, Ordering::Relaxed);
+                }
+                shared_eos.close();
+            })
             .build(),
     );
     let appsink: gst::Element = appsink.upcast();
     chain.push(appsink.clone());
 
-    add(&chain.iter().collect::<Vec<_>>())?;
-    gst::Element::link_many(std::iter::once(&tail).chain(chain.iter())).map_err(link_err)?;
-    Ok((encoder, appsink))
+    pipeline.add_many(chain.iter()).map_err(|e| MediaError::Build(e.to_string()))?;
+    if let Err(e) = gst::Element::link_many(chain.iter()) {
+        discard(pipeline, &chain);
+        return Err(MediaError::Build(e.to_string()));
+    }
+    Ok(BranchParts { elements: chain, encoder, appsink, shared })
 }
 
 fn set_number_signed(element: &gst::Element, name: &str, value: i32) {
@@ -1224,6 +1599,16 @@ mod tests {
         let text = wall_clock_text();
         assert_eq!(text.len(), "00:00:00.000 UTC".len(), "{text}");
         assert_eq!(&text[8..9], ".");
+    }
+
+    #[test]
+    fn branch_elements_are_told_apart_from_the_shared_chain() {
+        assert_eq!(branch_prefix(3, Codec::Vp8), "enc3-vp8-");
+        assert!(is_branch_element(&format!("{}vp8enc", branch_prefix(3, Codec::Vp8))));
+        assert!(is_branch_element("enc12-h264-rtph264pay"));
+        for shared in ["encoder-queue", "videoconvert", "tee", "clocksync", "enc-x", "rtspsrc"] {
+            assert!(!is_branch_element(shared), "{shared}");
+        }
     }
 
     #[test]

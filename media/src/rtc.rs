@@ -104,6 +104,10 @@ pub enum VideoCodec {
 }
 
 impl VideoCodec {
+    /// Every codec a device can send, in the order `auto` prefers them: H.264 (hardware
+    /// encoders, and what browsers decode in hardware) when the viewer offers it, else VP8.
+    pub const ALL: [VideoCodec; 2] = [VideoCodec::H264, VideoCodec::Vp8];
+
     /// The RTP mime type, as the webrtc crate spells it.
     pub fn mime_type(self) -> &'static str {
         match self {
@@ -293,8 +297,20 @@ pub enum RtcError {
     /// The offer's video section carries no codec the device can send.
     #[error("the offer carries no codec the device can send as {wanted}; offered: {offered}")]
     NoCommonCodec {
-        /// What we send, with its constraints (`video/H264 packetization-mode=1, profile 42e0/4200`).
+        /// What the device can send, with its constraints (`video/H264 (packetization-mode=1,
+        /// profile-level-id 42e0xx or 4200xx) or video/VP8`).
         wanted: String,
+        /// The offered video codecs, `mime fmtp`.
+        offered: String,
+    },
+    /// A relay's viewer offered no codec the device's stream through the relay is in (it was
+    /// negotiated for the viewer that opened it, and the relay does not transcode).
+    #[error(
+        "the device's stream through the relay is {stream} (negotiated when its first viewer opened it; the relay does not transcode) and this offer does not carry it; offered: {offered}"
+    )]
+    StreamCodec {
+        /// The stream's codec, e.g. `video/H264`.
+        stream: String,
         /// The offered video codecs, `mime fmtp`.
         offered: String,
     },
@@ -961,6 +977,25 @@ pub fn check_viewer_offer(offer_sdp: &str) -> Result<(), RtcError> {
     }
 }
 
+/// The first codec of `prefs` that `offer_sdp`'s video section carries in a form the device can
+/// send (H.264: packetization-mode=1, constrained baseline or baseline), without building
+/// anything: what a device configured for `prefs` answers with. [`RtcError::NoCommonCodec`]
+/// names what the offer had and what `prefs` allow.
+pub fn choose_codec(offer_sdp: &str, prefs: &[VideoCodec]) -> Result<VideoCodec, RtcError> {
+    OfferSummary::parse(offer_sdp)?.choose(prefs)
+}
+
+/// The codecs of [`VideoCodec::ALL`] that `offer_sdp`'s video section carries in a form the
+/// device can send, in that order (empty when none is). Fails only when the offer is not SDP or
+/// has no video section to answer on.
+pub fn sendable_codecs(offer_sdp: &str) -> Result<Vec<VideoCodec>, RtcError> {
+    let summary = OfferSummary::parse(offer_sdp)?;
+    let Some(codecs) = &summary.video_codecs else {
+        return Err(RtcError::NoVideo { offered: summary.sections.join(", ") });
+    };
+    Ok(VideoCodec::ALL.into_iter().filter(|c| codecs.iter().any(|(mime, fmtp)| codec_ok(*c, mime, fmtp))).collect())
+}
+
 /// What we need to know about an offer before handing it to the stack.
 struct OfferSummary {
     /// `kind/direction` of every section, for errors.
@@ -1033,19 +1068,28 @@ impl OfferSummary {
     }
 
     fn check_codec(&self, codec: VideoCodec) -> Result<(), RtcError> {
+        self.choose(&[codec]).map(|_| ())
+    }
+
+    /// The first of `prefs` the video section carries in a sendable form.
+    fn choose(&self, prefs: &[VideoCodec]) -> Result<VideoCodec, RtcError> {
         let Some(codecs) = &self.video_codecs else {
             return Err(RtcError::NoVideo { offered: self.sections.join(", ") });
         };
-        if codecs.iter().any(|(mime, fmtp)| codec_ok(codec, mime, fmtp)) {
-            return Ok(());
+        if let Some(codec) = prefs.iter().find(|c| codecs.iter().any(|(mime, fmtp)| codec_ok(**c, mime, fmtp))) {
+            return Ok(*codec);
         }
+        // The media codecs, for people: not the retransmission and error-correction formats.
         let offered: Vec<String> = codecs
             .iter()
-            .filter(|(mime, _)| !mime.eq_ignore_ascii_case("video/rtx"))
+            .filter(|(mime, _)| {
+                let name = mime.strip_prefix("video/").unwrap_or(mime).to_ascii_lowercase();
+                !matches!(name.as_str(), "rtx" | "red" | "ulpfec" | "flexfec-03")
+            })
             .map(|(mime, fmtp)| if fmtp.is_empty() { mime.clone() } else { format!("{mime} {fmtp}") })
             .collect();
         Err(RtcError::NoCommonCodec {
-            wanted: wanted(codec),
+            wanted: prefs.iter().map(|c| wanted(*c)).collect::<Vec<_>>().join(" or "),
             offered: if offered.is_empty() { "none".to_owned() } else { offered.join(", ") },
         })
     }
@@ -1279,6 +1323,67 @@ mod tests {
         assert_eq!(json["sdpMLineIndex"], 0);
         let back: Candidate = serde_json::from_value(json).unwrap();
         assert_eq!(back, c);
+    }
+
+    /// A recvonly video offer with `rtpmap` and `fmtp` lines for `codecs` (`pt name fmtp`).
+    fn video_offer(codecs: &[(u8, &str, &str)]) -> String {
+        let pts: Vec<String> = codecs.iter().map(|(pt, _, _)| pt.to_string()).collect();
+        let mut sdp = format!(
+            "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF {}\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\n",
+            pts.join(" ")
+        );
+        for (pt, name, fmtp) in codecs {
+            sdp.push_str(&format!("a=rtpmap:{pt} {name}/90000\r\n"));
+            if !fmtp.is_empty() {
+                sdp.push_str(&format!("a=fmtp:{pt} {fmtp}\r\n"));
+            }
+        }
+        sdp
+    }
+
+    #[test]
+    fn auto_prefers_sendable_h264_then_vp8_and_names_both_when_neither_is_offered() {
+        let auto = &VideoCodec::ALL;
+        // Firefox without OpenH264.
+        let firefox = video_offer(&[
+            (120, "VP8", "max-fs=12288;max-fr=60"),
+            (124, "rtx", "apt=120"),
+            (121, "VP9", "max-fs=12288;max-fr=60"),
+            (99, "AV1", ""),
+            (123, "ulpfec", ""),
+            (122, "red", ""),
+        ]);
+        assert_eq!(choose_codec(&firefox, auto).unwrap(), VideoCodec::Vp8);
+        assert_eq!(sendable_codecs(&firefox).unwrap(), [VideoCodec::Vp8]);
+        // Chrome: H.264 in mode 0 first, mode 1 later, VP8 too.
+        let chrome = video_offer(&[
+            (96, "VP8", ""),
+            (125, "H264", "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42e01f"),
+            (127, "H264", "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"),
+        ]);
+        assert_eq!(choose_codec(&chrome, auto).unwrap(), VideoCodec::H264);
+        assert_eq!(choose_codec(&chrome, &[VideoCodec::Vp8]).unwrap(), VideoCodec::Vp8);
+        assert_eq!(sendable_codecs(&chrome).unwrap(), [VideoCodec::H264, VideoCodec::Vp8]);
+        // H.264 only in forms a constrained-baseline FU-A stream cannot be sent as.
+        let unusable_h264 = video_offer(&[
+            (125, "H264", "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42e01f"),
+            (123, "H264", "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=640c1f"),
+            (96, "VP8", ""),
+        ]);
+        assert_eq!(choose_codec(&unusable_h264, auto).unwrap(), VideoCodec::Vp8);
+        // Neither: the refusal names what was offered and what could be sent.
+        let neither = video_offer(&[(98, "VP9", "profile-id=0"), (99, "AV1", ""), (100, "rtx", "apt=98")]);
+        let err = choose_codec(&neither, auto).unwrap_err();
+        assert!(matches!(err, RtcError::NoCommonCodec { .. }), "{err}");
+        let text = err.to_string();
+        for part in ["video/H264 (packetization-mode=1", "or video/VP8", "offered: video/VP9 profile-id=0, video/AV1"] {
+            assert!(text.contains(part), "{text:?} lacks {part:?}");
+        }
+        assert!(!text.contains("rtx"), "{text}");
+        assert!(sendable_codecs(&neither).unwrap().is_empty());
+        let err = choose_codec(&firefox, &[VideoCodec::H264]).unwrap_err().to_string();
+        assert!(!err.contains("or video/VP8") && err.contains("offered: video/VP8"), "{err}");
     }
 
     #[test]

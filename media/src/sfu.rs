@@ -21,6 +21,9 @@
 //! - **Bitrate**: once a second the lowest estimate among the viewers (REMB or transport-wide-cc)
 //!   is sent upstream as REMB; the device's encoder follows it (and its own estimate of the
 //!   device -> relay path).
+//! - **Codec**: the upstream offers the device the codecs (of H.264 and VP8) that the viewer
+//!   opening it can decode, and the device picks one; the relay does not transcode, so a later
+//!   viewer that cannot decode that codec is refused ([`RtcError::StreamCodec`]).
 //! - **Lifetime**: the upstream opens with the first viewer and closes
 //!   [`SfuSettings::linger`] after the last one leaves. When it fails or the device ends it,
 //!   every viewer is ended ([`SfuOut::ViewerEnded`], reason `publisher_left`).
@@ -318,8 +321,22 @@ impl Sfu {
         offer_sdp: &str,
         options: SubscribeOptions,
     ) -> Result<String, SfuError> {
-        let publication = self.publication(key).await?;
+        // What this viewer can take of what a device sends: a new upstream offers only that, so
+        // the device answers in a codec this viewer decodes (Firefox without OpenH264: VP8).
+        // An offer with neither codec is refused here, naming what it had.
+        crate::rtc::choose_codec(offer_sdp, &VideoCodec::ALL)?;
+        let sendable = crate::rtc::sendable_codecs(offer_sdp)?;
+        let publication = self.publication(key, &sendable).await?;
         let codec = self.wait_ready(&publication).await?;
+        if !sendable.contains(&codec) {
+            // The upstream was opened for a viewer with another codec; no transcoding.
+            let offered = match crate::rtc::choose_codec(offer_sdp, &[codec]) {
+                Err(RtcError::NoCommonCodec { offered, .. }) => offered,
+                _ => "nothing usable".to_owned(),
+            };
+            tracing::info!(%viewer, device = %key.device, ?codec, %offered, "SFU viewer refused: it cannot decode the stream's codec");
+            return Err(SfuError::Viewer(RtcError::StreamCodec { stream: codec.mime_type().to_owned(), offered }));
+        }
 
         let settings = PeerSettings {
             ice_servers: self.settings.ice_servers.clone(),
@@ -391,13 +408,24 @@ impl Sfu {
         });
     }
 
-    /// The device's publication, opening its upstream if there is none.
-    async fn publication(self: &Arc<Self>, key: &DeviceKey) -> Result<Arc<Publication>, SfuError> {
+    /// The device's publication, opening its upstream if there is none; a new upstream offers
+    /// `codecs` (those the viewer opening it can decode), and the device picks among them.
+    async fn publication(
+        self: &Arc<Self>,
+        key: &DeviceKey,
+        codecs: &[VideoCodec],
+    ) -> Result<Arc<Publication>, SfuError> {
         if let Some(p) = self.publications.lock().get(key).filter(|p| !p.closed.load(Ordering::Acquire)) {
             return Ok(p.clone());
         }
         let options = ViewerOptions {
-            codecs: vec![OfferedCodec::new("video/H264", H264_CB_MODE1, 102), OfferedCodec::new("video/VP8", "", 96)],
+            codecs: codecs
+                .iter()
+                .map(|c| match c {
+                    VideoCodec::H264 => OfferedCodec::new("video/H264", H264_CB_MODE1, 102),
+                    VideoCodec::Vp8 => OfferedCodec::new("video/VP8", "", 96),
+                })
+                .collect(),
             mdns: None,
             include_loopback: self.settings.include_loopback,
             udp_addrs: Vec::new(),

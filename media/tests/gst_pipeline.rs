@@ -226,6 +226,102 @@ async fn dropping_the_pipeline_closes_the_channel() {
     assert!(closed.is_ok(), "channel still open after drop");
 }
 
+/// The console's pilots need not agree on a codec: a second encoder joins the running pipeline
+/// behind the same source (a camera is opened once), starts with a keyframe, takes its own
+/// keyframe requests and bitrate, and either encoder can leave without stopping the other.
+#[tokio::test]
+async fn a_second_codec_joins_the_same_source_and_either_can_leave() {
+    let (tx, rx) = mpsc::channel(1024);
+    let pipeline = VideoPipeline::start(&settings(Codec::H264), tx).expect("pipeline starts");
+    let mut h264 = Receiver::new(Codec::H264, rx);
+    h264.until_keyframe(&pipeline, 300).await.expect("an H.264 keyframe");
+
+    let (tx, rx) = mpsc::channel(1024);
+    assert_eq!(pipeline.add_codec(Codec::Vp8, tx).expect("VP8 joins"), "vp8enc");
+    let mut vp8 = Receiver::new(Codec::Vp8, rx);
+    let first = vp8.packet(&pipeline).await;
+    assert!(first.keyframe, "the new encoder's first packet starts a keyframe");
+    let mut codecs = pipeline.codecs();
+    codecs.sort_by_key(|c| c.to_string());
+    assert_eq!(codecs, [Codec::H264, Codec::Vp8]);
+    let (tx, _unused) = mpsc::channel(4);
+    assert!(pipeline.add_codec(Codec::Vp8, tx).is_err(), "one encoder per codec");
+
+    // Both flow, each at its own bitrate.
+    h264.frames(&pipeline, 10).await;
+    vp8.frames(&pipeline, 10).await;
+    assert_eq!(pipeline.set_bitrate_for(Codec::Vp8, 200), Some(200));
+    assert_eq!(pipeline.encoder_bitrate_kbps_for(Codec::Vp8), Some(200));
+    assert_eq!(pipeline.encoder_bitrate_kbps_for(Codec::H264), Some(300));
+
+    // A keyframe request reaches only its own encoder.
+    let before = vp8.until_keyframe(&pipeline, 2000).await.expect("a VP8 keyframe").timestamp;
+    vp8.frames(&pipeline, 5).await;
+    assert!(pipeline.request_keyframe_for(Codec::Vp8));
+    let after = vp8.frames(&pipeline, 25).await;
+    assert!(after.iter().any(|&ts| ts != before), "no VP8 keyframe within 25 frames of the request");
+    assert_eq!(pipeline.stats_for(Codec::Vp8).unwrap().keyframes_requested, 1);
+    assert_eq!(pipeline.stats_for(Codec::H264).unwrap().keyframes_requested, 0);
+
+    // The first encoder leaves: its channel closes, the other goes on.
+    assert!(pipeline.remove_codec(Codec::H264));
+    assert!(!pipeline.remove_codec(Codec::H264));
+    let mut rx = h264.rx;
+    let closed = tokio::time::timeout(PACKET_WAIT, async { while rx.recv().await.is_some() {} }).await;
+    assert!(closed.is_ok(), "the removed encoder's channel is still open");
+    assert_eq!(pipeline.codecs(), [Codec::Vp8]);
+    assert!(pipeline.stats_for(Codec::H264).is_none());
+    vp8.frames(&pipeline, 10).await;
+
+    // And comes back, from a keyframe with its parameter sets.
+    let (tx, rx) = mpsc::channel(1024);
+    pipeline.add_codec(Codec::H264, tx).expect("H.264 joins again");
+    let mut h264 = Receiver::new(Codec::H264, rx);
+    let first = h264.packet(&pipeline).await;
+    let first_ts = first.timestamp;
+    let key = if first.keyframe { first } else { h264.until_keyframe(&pipeline, 50).await.expect("a keyframe") };
+    assert_eq!(key.timestamp, first_ts, "the returning encoder's first frame is a keyframe");
+    assert!(sps_profile(&key.bytes).is_some(), "the returning encoder starts with its SPS");
+    h264.frames(&pipeline, 10).await;
+    vp8.frames(&pipeline, 10).await;
+    assert!(pipeline.error().is_none() && pipeline.error_for(Codec::Vp8).is_none());
+    pipeline.stop();
+}
+
+/// The same with a file (a source that is not live, whose sinks keep to the clock): the encoder
+/// added while it plays gets the rest of it, and both channels close at its end.
+#[tokio::test]
+async fn a_codec_added_to_a_playing_file_gets_the_rest_of_it() {
+    let path: PathBuf = std::env::temp_dir().join(format!("tether-media-clip-two-{}.webm", std::process::id()));
+    write_clip_frames(&path, 120);
+    let (tx, rx) = mpsc::channel(4096);
+    let settings = VideoSettings { source: Source::File { path: path.clone() }, ..settings(Codec::H264) };
+    let pipeline = VideoPipeline::start(&settings, tx).expect("pipeline starts");
+    let mut h264 = Receiver::new(Codec::H264, rx);
+    h264.packet(&pipeline).await;
+    let (tx, mut vp8) = mpsc::channel(4096);
+    pipeline.add_codec(Codec::Vp8, tx).expect("VP8 joins");
+    let count = |mut rx: mpsc::Receiver<Bytes>, keyframe: fn(&[u8]) -> bool| async move {
+        let (mut packets, mut keyframes) = (0, 0);
+        while let Some(p) = rx.recv().await {
+            packets += 1;
+            keyframes += usize::from(keyframe(&p));
+        }
+        (packets, keyframes)
+    };
+    let both = async {
+        let vp8_first = tokio::time::timeout(PACKET_WAIT, vp8.recv()).await.expect("a VP8 packet in time");
+        assert!(vp8_first.is_some_and(|p| vp8_rtp_is_keyframe(&p)), "VP8 starts with a keyframe");
+        tokio::join!(count(h264.rx, h264_rtp_is_keyframe), count(vp8, vp8_rtp_is_keyframe))
+    };
+    let ((h264_packets, _), (vp8_packets, _)) =
+        tokio::time::timeout(Duration::from_secs(60), both).await.expect("the file plays out");
+    let _ = std::fs::remove_file(&path);
+    assert!(h264_packets > 0 && vp8_packets > 0, "{h264_packets} H.264 and {vp8_packets} VP8 packets");
+    assert!(pipeline.stats().ended, "{:?}: {:?}", pipeline.stats(), pipeline.error());
+    assert!(pipeline.error().is_none() && pipeline.error_for(Codec::Vp8).is_none());
+}
+
 #[test]
 fn missing_v4l2_device_fails_with_a_clear_error() {
     let (tx, _rx) = mpsc::channel(16);
@@ -270,11 +366,16 @@ fn invalid_settings_are_refused_before_gstreamer_sees_them() {
 
 /// Writes a short VP8/WebM clip with GStreamer itself.
 fn write_clip(path: &std::path::Path) {
+    write_clip_frames(path, 45);
+}
+
+/// Writes a VP8/WebM clip of `frames` frames at 30 fps.
+fn write_clip_frames(path: &std::path::Path, frames: u32) {
     use gstreamer as gst;
     use gstreamer::prelude::*;
     media::gst::init().unwrap();
     let description = format!(
-        "videotestsrc num-buffers=45 pattern=ball ! video/x-raw,width=320,height=240,framerate=30/1 \
+        "videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,width=320,height=240,framerate=30/1 \
          ! vp8enc deadline=1 ! webmmux ! filesink location=\"{}\"",
         path.display()
     );

@@ -1,7 +1,8 @@
 //! The console in Firefox (client-web/e2e/firefox.mjs): Debian's firefox-esr driven by
 //! playwright-core over WebDriver BiDi against the real `tether-relay` binary, the real agent
-//! streaming its test pattern in VP8 (Firefox decodes H.264 only through the OpenH264 plugin it
-//! downloads at run time) and the simulated boat (`tether-boat`). Login, fleet, VP8 video, telemetry
+//! streaming its test pattern on its default `video.codec` (`auto`), which must answer Firefox in
+//! VP8 (Firefox decodes H.264 only through the OpenH264 plugin it downloads at run time, so it
+//! offers none here), and the simulated boat (`tether-boat`). Login, fleet, VP8 video, telemetry
 //! and plots, track, the control lease, waypoints, teleop, a command, the log console, the STALE
 //! banner while the agent is frozen, a pilot's password login; any error a page reports fails it.
 //! Screenshots land in target/screenshots/console-firefox/. `make test` installs firefox-esr and

@@ -181,7 +181,8 @@ export async function createStack(script, runner) {
      * An agent configuration for this relay: the robot's software on `socket`, system metrics
      * every 2 s, `echo` and `uptime` allowed, processes `sleeper` and `ticker` (an INFO line on
      * stdout and a WARN line on stderr every second), and the test pattern at 640x480 15 fps in
-     * `codec` when `video`.
+     * `codec` when `video` (`video.codec`; null leaves it out: the agent's default, `auto`, which
+     * answers each viewer in H.264 if its browser offers it, else VP8).
      */
     agentConfig({ clientID = '', clientSecret = '', handshakeKey = '', name, video, socket, codec = 'h264' }) {
       return [
@@ -211,7 +212,7 @@ export async function createStack(script, runner) {
         'video:',
         `  enabled: ${video ? 'true' : 'false'}`,
         '  source: testpattern',
-        `  codec: ${codec}`,
+        ...(codec ? [`  codec: ${codec}`] : []),
         '  width: 640',
         '  height: 480',
         '  framerate: 15',
