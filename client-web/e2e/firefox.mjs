@@ -27,6 +27,7 @@ import * as admin from './steps/admin.mjs';
 import * as control from './steps/control.mjs';
 import * as track from './steps/track.mjs';
 import * as commands from './steps/commands.mjs';
+import * as device from './steps/device.mjs';
 
 const began = Date.now();
 const stack = await createStack('firefox.mjs', 'relay/tests/console_firefox.rs');
@@ -110,14 +111,7 @@ await step('device-video-vp8-decoding', async () => {
 });
 
 await step('telemetry-plots-track', async () => {
-  await waitSeqAdvances(page, 5);
-  await page.waitForFunction(() => document.querySelector('[data-testid="telemetry-verdict"]')?.textContent.trim() === 'ok', null, T);
-  await page.waitForFunction(() => /ms/.test(document.querySelector('[data-testid="clock-offset"]')?.textContent || ''), null, T);
-  await page.waitForFunction(() => /\d/.test(document.querySelector('[data-testid="telemetry-age"]')?.textContent || ''), null, T);
-  await page.waitForFunction(() => [...document.querySelectorAll('[data-testid="plot"]')].some((p) => Number(p.dataset.points) >= 3), null, T);
-  const table = await text(page, 'telemetry-table');
-  for (const key of ['gps.latitude', 'battery.percent']) if (!table.includes(key)) throw new Error(`the values table lacks ${key}`);
-  await track.trackShowsPosition(page, env);
+  await device.telemetryUpdating(page, env);
 });
 
 await step('lease-taken', async () => {
@@ -137,37 +131,11 @@ await step('command-output', async () => {
 });
 
 await step('log-console', async () => {
-  await page.getByTestId('tab-logs').click();
-  await page.waitForFunction(() => [...document.querySelectorAll('[data-testid="log-line"]')].some((l) => l.dataset.source === 'device' && /tick from the boat/.test(l.textContent) && !l.hidden), null, T);
-  await page.getByTestId('log-level').selectOption('warn');
-  const visible = await page.evaluate(() => [...document.querySelectorAll('[data-testid="log-line"]')].filter((l) => !l.hidden).map((l) => l.dataset.level));
-  if (!visible.length || visible.some((l) => l !== 'warn' && l !== 'error')) throw new Error(`with level "warn" the log shows levels ${[...new Set(visible)].join(', ')}`);
-  if (!(await page.evaluate(() => [...document.querySelectorAll('[data-testid="log-line"]')].some((l) => !l.hidden && /bilge level high/.test(l.textContent))))) {
-    throw new Error('the WARN line from the device is not shown at level warn');
-  }
-  await page.screenshot({ path: h.shotPath('log-warn'), fullPage: true });
-  await page.getByTestId('log-level').selectOption('info');
-  await page.getByTestId('tab-telemetry').click();
+  await device.logConsoleFilters(page, env, (p) => p.screenshot({ path: h.shotPath('log-warn'), fullPage: true }));
 });
 
 await step('stale-banner-while-agent-stopped', async () => {
-  // Freeze the agent: no frames, no telemetry, its sockets stay open.
-  boatAgent.kill('SIGSTOP');
-  const frozen = Date.now();
-  try {
-    await page.getByTestId('video-stale').waitFor({ state: 'visible', ...T });
-    log(`STALE banner after ${((Date.now() - frozen) / 1000).toFixed(1)} s`);
-    if ((await videoData(page, 'stale')) !== 'true') throw new Error('data-stale is not true while the banner shows');
-    await control.teleopDisabledWhileStale(page, env);
-    await page.getByTestId('video-panel').scrollIntoViewIfNeeded();
-    await page.screenshot({ path: h.shotPath('stale-banner') });
-  } finally {
-    boatAgent.kill('SIGCONT');
-  }
-  const resumed = Date.now();
-  await page.getByTestId('video-stale').waitFor({ state: 'hidden', timeout: 45000 });
-  await waitFramesAdvance(page, 5);
-  log(`video live again ${((Date.now() - resumed) / 1000).toFixed(1)} s after SIGCONT`);
+  await device.staleWhileAgentFrozen(page, env, boatAgent, (p) => p.screenshot({ path: h.shotPath('stale-banner') }));
 });
 
 await step('admin-creates-pilot', async () => {
@@ -177,15 +145,7 @@ await step('admin-creates-pilot', async () => {
 const pilot = await newConsole('pilot');
 watch(pilot, 'pilot');
 await step('pilot-password-login', async () => {
-  await pilot.goto(BASE);
-  await pilot.getByTestId('login-tab-password').click();
-  await pilot.getByTestId('login-username').fill(env.pilotName);
-  await pilot.getByTestId('login-password').fill(env.pilotPassword);
-  await pilot.getByTestId('login-password-button').click();
-  await pilot.locator('[data-testid="device-row"][data-device-id="boat-1"]').waitFor(T);
-  if (!(await pilot.getByTestId('nav-admin').isHidden())) throw new Error('a pilot sees the Admin link');
-  await openDevice(pilot, 'boat-1');
-  await waitSeqAdvances(pilot, 2);
+  await device.pilotPasswordLogin(pilot, env);
 }, pilot);
 
 await h.shutdown();

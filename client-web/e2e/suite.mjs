@@ -35,6 +35,7 @@ import * as admin from './steps/admin.mjs';
 import * as control from './steps/control.mjs';
 import * as track from './steps/track.mjs';
 import * as commands from './steps/commands.mjs';
+import * as device from './steps/device.mjs';
 
 const stack = await createStack('suite.mjs', 'relay/tests/console_suite.rs');
 const { DEVICE_BIN, BOAT_BIN, WORK, PORT, BASE, ADMIN_KEY } = stack;
@@ -124,14 +125,7 @@ await step('device-video-decoding', async () => {
 });
 
 await step('telemetry-updating', async () => {
-  await waitSeqAdvances(page, 5);
-  await page.waitForFunction(() => document.querySelector('[data-testid="telemetry-verdict"]')?.textContent.trim() === 'ok', null, T);
-  await page.waitForFunction(() => /ms/.test(document.querySelector('[data-testid="clock-offset"]')?.textContent || ''), null, T);
-  await page.waitForFunction(() => /\d/.test(document.querySelector('[data-testid="telemetry-age"]')?.textContent || ''), null, T);
-  await page.waitForFunction(() => [...document.querySelectorAll('[data-testid="plot"]')].some((p) => Number(p.dataset.points) >= 3), null, T);
-  const table = await text(page, 'telemetry-table');
-  for (const key of ['gps.latitude', 'battery.percent']) if (!table.includes(key)) throw new Error(`the values table lacks ${key}`);
-  await track.trackShowsPosition(page, env);
+  await device.telemetryUpdating(page, env);
 });
 
 await step('lease-taken', async () => {
@@ -164,39 +158,11 @@ await step('config-editor-inline-error', async () => {
 });
 
 await step('log-console', async () => {
-  await page.getByTestId('tab-logs').click();
-  // The ticker's output: an INFO line on stdout and a WARN line on stderr every second.
-  await page.waitForFunction(() => [...document.querySelectorAll('[data-testid="log-line"]')].some((l) => l.dataset.source === 'device' && /tick from the boat/.test(l.textContent) && !l.hidden), null, T);
-  await page.getByTestId('log-level').selectOption('warn');
-  const visible = await page.evaluate(() => [...document.querySelectorAll('[data-testid="log-line"]')].filter((l) => !l.hidden).map((l) => l.dataset.level));
-  if (!visible.length || visible.some((l) => l !== 'warn' && l !== 'error')) throw new Error(`with level "warn" the log shows levels ${[...new Set(visible)].join(', ')}`);
-  if (!(await page.evaluate(() => [...document.querySelectorAll('[data-testid="log-line"]')].some((l) => !l.hidden && /bilge level high/.test(l.textContent))))) {
-    throw new Error('the WARN line from the device is not shown at level warn');
-  }
-  await page.getByTestId('log-source').selectOption('system');
-  await page.getByTestId('log-level').selectOption('debug');
-  if (await page.evaluate(() => [...document.querySelectorAll('[data-testid="log-line"]')].some((l) => !l.hidden && l.dataset.source !== 'system'))) {
-    throw new Error('source "system" still shows device lines');
-  }
-  await page.getByTestId('log-source').selectOption('');
-  await page.getByTestId('log-level').selectOption('info');
-  await page.getByTestId('tab-telemetry').click();
+  await device.logConsoleFilters(page, env);
 });
 
 await step('stale-banner-while-video-paused', async () => {
-  // Freeze the agent: no frames, no telemetry, its sockets stay open.
-  boatAgent.kill('SIGSTOP');
-  try {
-    await page.getByTestId('video-stale').waitFor({ state: 'visible', ...T });
-    if ((await videoData(page, 'stale')) !== 'true') throw new Error('data-stale is not true while the banner shows');
-    await control.teleopDisabledWhileStale(page, env);
-    await page.getByTestId('video-panel').scrollIntoViewIfNeeded();
-    await page.screenshot({ path: h.shotPath('stale-banner') });
-  } finally {
-    boatAgent.kill('SIGCONT');
-  }
-  await page.getByTestId('video-stale').waitFor({ state: 'hidden', timeout: 45000 });
-  await waitFramesAdvance(page, 5);
+  await device.staleWhileAgentFrozen(page, env, boatAgent, (p) => p.screenshot({ path: h.shotPath('stale-banner') }));
 });
 
 await step('relay-restart-resumes', async () => {
@@ -222,17 +188,7 @@ await step('relay-restart-resumes', async () => {
 
 const pilot = await newConsole('pilot');
 await step('pilot-password-login', async () => {
-  await pilot.goto(BASE);
-  await pilot.getByTestId('login-tab-password').click();
-  await pilot.getByTestId('login-username').fill(env.pilotName);
-  await pilot.getByTestId('login-password').fill(env.pilotPassword);
-  await pilot.getByTestId('login-password-button').click();
-  await pilot.locator('[data-testid="device-row"][data-device-id="boat-1"]').waitFor(T);
-  if (!(await pilot.getByTestId('nav-admin').isHidden())) throw new Error('a pilot sees the Admin link');
-  await pilot.getByTestId('session-expiry').waitFor({ state: 'visible', ...T });
-  if (!/session ends \d\d:\d\d/.test(await text(pilot, 'session-expiry'))) throw new Error('the session expiry is not shown');
-  await openDevice(pilot, 'boat-1');
-  await waitSeqAdvances(pilot, 2);
+  await device.pilotPasswordLogin(pilot, env);
 }, pilot);
 
 await step('revoked-operator-kicked-out', async () => {

@@ -699,6 +699,24 @@ impl fmt::Debug for VideoPipeline {
     }
 }
 
+/// Tries `codec`'s encoders in order of preference until one starts: an encoder whose pipeline
+/// fails is logged and the next one tried; any other error, or the last encoder's, is returned.
+fn first_encoder<T>(codec: Codec, mut start: impl FnMut(Encoder) -> Result<T, MediaError>) -> Result<T, MediaError> {
+    let candidates = encoder_candidates(codec);
+    let mut last_error = None;
+    for (i, encoder) in candidates.iter().copied().enumerate() {
+        match start(encoder) {
+            Ok(started) => return Ok(started),
+            Err(error @ MediaError::Pipeline { .. }) if i + 1 < candidates.len() => {
+                tracing::warn!(encoder = encoder.factory(), %error, "encoder failed to start; trying the next one");
+                last_error = Some(error);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| MediaError::Build("no encoder available".into())))
+}
+
 impl VideoPipeline {
     /// Builds and plays the pipeline with one encoder, for `settings.codec`; every RTP packet
     /// (payloaded with MTU 1200) is handed to `packets` with `try_send`: a full channel drops the
@@ -718,19 +736,7 @@ impl VideoPipeline {
             }
             _ => {}
         }
-        let candidates = encoder_candidates(settings.codec);
-        let mut last_error = None;
-        for (i, encoder) in candidates.iter().copied().enumerate() {
-            match Self::try_start(settings, encoder, packets.clone()) {
-                Ok(pipeline) => return Ok(pipeline),
-                Err(error @ MediaError::Pipeline { .. }) if i + 1 < candidates.len() => {
-                    tracing::warn!(encoder = encoder.factory(), %error, "encoder failed to start; trying the next one");
-                    last_error = Some(error);
-                }
-                Err(error) => return Err(error),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| MediaError::Build("no encoder available".into())))
+        first_encoder(settings.codec, |encoder| Self::try_start(settings, encoder, packets.clone()))
     }
 
     fn try_start(
@@ -819,24 +825,13 @@ impl VideoPipeline {
             return Err(MediaError::Build("the video source has ended".into()));
         }
         let kbps = self.settings.clamp_bitrate(self.settings.bitrate_kbps);
-        let candidates = encoder_candidates(codec);
-        let mut last_error = None;
-        for (i, encoder_kind) in candidates.iter().copied().enumerate() {
+        let (branch, encoder_kind) = first_encoder(codec, |encoder_kind| {
             let prefix = branch_prefix(self.next_branch.fetch_add(1, Ordering::Relaxed), codec);
-            match self.attach_branch(codec, encoder_kind, kbps, &prefix, packets.clone()) {
-                Ok(branch) => {
-                    tracing::info!(%codec, encoder = encoder_kind.factory(), kbps, "video encoder added");
-                    branches.insert(codec, Arc::new(branch));
-                    return Ok(encoder_kind.factory());
-                }
-                Err(error @ MediaError::Pipeline { .. }) if i + 1 < candidates.len() => {
-                    tracing::warn!(encoder = encoder_kind.factory(), %error, "encoder failed to start; trying the next one");
-                    last_error = Some(error);
-                }
-                Err(error) => return Err(error),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| MediaError::Build("no encoder available".into())))
+            self.attach_branch(codec, encoder_kind, kbps, &prefix, packets.clone()).map(|b| (b, encoder_kind))
+        })?;
+        tracing::info!(%codec, encoder = encoder_kind.factory(), kbps, "video encoder added");
+        branches.insert(codec, Arc::new(branch));
+        Ok(encoder_kind.factory())
     }
 
     fn attach_branch(

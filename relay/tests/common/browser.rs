@@ -107,3 +107,49 @@ pub fn tail(path: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(60)..].join("\n")
 }
+
+/// Runs one of the console's browser scripts (`client-web/e2e/<script>`) against the real
+/// binaries: the relay (this package's), the agent and `tether-boat` (built if needed), on this
+/// machine's interface address, with screenshots in `target/screenshots/<shots>/`. `extra` adds
+/// environment variables. Fails with the script's output (and the relay's log) unless it exits
+/// 0 and prints `done`.
+pub async fn run_console_script(script: &str, shots: &str, done: &str, extra: &[(&str, &std::ffi::OsStr)]) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let e2e = root.join("client-web/e2e");
+    assert!(
+        e2e.join("node_modules/playwright-core").exists(),
+        "playwright-core is not installed: run `make deps` (or `make test`)"
+    );
+    let ip = interface_address();
+    let device = workspace_binary(&root, "tether-device", "tether-device", AGENT_SOURCES);
+    let boat = workspace_binary(&root, "tether-examples", "tether-boat", BOAT_SOURCES);
+    let work = tempfile::tempdir().unwrap();
+    let shots = root.join("target/screenshots").join(shots);
+    let _ = std::fs::remove_dir_all(&shots);
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(e2e.join(script))
+        .env("RELAY_BIN", env!("CARGO_BIN_EXE_tether-relay"))
+        .env("DEVICE_BIN", &device)
+        .env("BOAT_BIN", &boat)
+        .env("WORK", work.path())
+        .env("SHOTS", &shots)
+        .env("HOST_IP", ip.to_string())
+        .kill_on_drop(true);
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    // The script has its own deadlines per step; this only guards against a hung browser.
+    let out = tokio::time::timeout(std::time::Duration::from_secs(600), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not finish within 10 minutes; logs in {}", work.path().display()))
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{stderr}\nrelay log:\n{}",
+        tail(&work.path().join("relay.log"))
+    );
+    assert!(stdout.contains(done), "{stdout}\n{stderr}");
+}
