@@ -160,8 +160,13 @@ async fn agent_onboards_with_a_handshake_key_and_stores_its_credentials() {
     .unwrap();
     let mut agent = agent_cmd(&path).kill_on_drop(true).spawn().unwrap();
     let request = pending_request(addr).await;
-    // While pending, the request id is kept in the config so a restart resumes polling.
-    assert!(std::fs::read_to_string(&path).unwrap().contains(&request));
+    // While pending, the request id is kept in the config so a restart resumes polling. The
+    // relay lists the request as soon as it is made, a moment before the agent has written it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&path).unwrap().contains(&request) {
+        assert!(tokio::time::Instant::now() < deadline, "the agent never wrote registrationRequestID {request}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     admin(
         addr,
         reqwest::Method::POST,
