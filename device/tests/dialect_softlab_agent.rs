@@ -60,7 +60,8 @@ async fn a_softlab_commander_commands_the_real_agent() {
     )
     .await;
     let out = recv_until(&mut c, "command_output c1", |v| {
-        v["correlationID"] == "c1" && (v["type"] == "command_output" || v["type"] == "command_result" || v["status"] == "error")
+        v["correlationID"] == "c1"
+            && (v["type"] == "command_output" || v["type"] == "command_result" || v["status"] == "error")
     })
     .await;
     assert_eq!(out["type"], "command_output", "{out}");
@@ -77,7 +78,8 @@ async fn a_softlab_commander_commands_the_real_agent() {
     )
     .await;
     let out = recv_until(&mut c, "command_output c2", |v| {
-        v["correlationID"] == "c2" && (v["type"] == "command_output" || v["type"] == "command_result" || v["status"] == "error")
+        v["correlationID"] == "c2"
+            && (v["type"] == "command_output" || v["type"] == "command_result" || v["status"] == "error")
     })
     .await;
     assert_eq!(out["type"], "command_output", "{out}");
@@ -92,7 +94,8 @@ async fn a_softlab_commander_commands_the_real_agent() {
     )
     .await;
     let out = recv_until(&mut c, "refusal c3", |v| {
-        v["correlationID"] == "c3" && (v["type"] == "command_output" || v["type"] == "command_result" || v["status"] == "error")
+        v["correlationID"] == "c3"
+            && (v["type"] == "command_output" || v["type"] == "command_result" || v["status"] == "error")
     })
     .await;
     assert_eq!(out["type"], "command_result", "{out}");

@@ -116,7 +116,8 @@ async fn sessions_are_cancelled_by_ticket_revocation_and_the_deny_list() {
     let (url3, t3) = access(&r, &key).await;
     let mut s3 = open(&url3).await;
     let subject = format!("ticket:{}", hex::encode(Sha256::digest(t3.as_bytes())));
-    let (s, v) = admin_call(&r, Method::POST, "/api/deny", Some(json!({"subject":subject,"reason":"session over"}))).await;
+    let (s, v) =
+        admin_call(&r, Method::POST, "/api/deny", Some(json!({"subject":subject,"reason":"session over"}))).await;
     assert_eq!((s, v["closedConnections"].as_u64()), (201, Some(1)), "{v}");
     cancelled(&mut s3).await;
     s2.send(json!({"type":"ping","payload":{}})).await;
@@ -132,7 +133,10 @@ async fn sessions_are_cancelled_by_ticket_revocation_and_the_deny_list() {
     assert_eq!(s, 401);
     let (s, v) = admin_call(&r, Method::GET, "/api/deny", None).await;
     assert_eq!(s, 200);
-    assert!(v["deny"].as_array().unwrap().iter().any(|e| e["subject"] == subject.as_str() && e["kind"] == "key"), "{v}");
+    assert!(
+        v["deny"].as_array().unwrap().iter().any(|e| e["subject"] == subject.as_str() && e["kind"] == "key"),
+        "{v}"
+    );
     let (s, v) = admin_call(&r, Method::DELETE, &format!("/api/deny/{subject}"), None).await;
     assert_eq!((s, v["removed"].as_str()), (200, Some(subject.as_str())));
     let (url4, _) = access(&r, &key).await;
@@ -182,7 +186,10 @@ async fn read_only_connections_cannot_write_read_write_ones_can_all_relayed() {
     // The read-write connection writes (under the control lease, docs/protocol.md 11).
     writer.send(json!({"type":"lease_acquire","correlationID":"l1","payload":{"deviceID":"pendulum-1"}})).await;
     let ack = writer.recv_type("ack").await;
-    assert_eq!((ack["correlationID"].as_str(), ack["payload"]["data"]["lease"].as_str()), (Some("l1"), Some("acquired")));
+    assert_eq!(
+        (ack["correlationID"].as_str(), ack["payload"]["data"]["lease"].as_str()),
+        (Some("l1"), Some("acquired"))
+    );
     writer
         .send(json!({"type":"app_command","correlationID":"w1","clientID":"pendulum-1","payload":{"command":"set_speed","data":{"rps":2}}}))
         .await;

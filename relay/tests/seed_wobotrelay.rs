@@ -17,8 +17,7 @@ use serde_json::json;
 /// Returns the relay, the admin connection and the connected device `client-abc-123`.
 async fn onboard() -> (TestRelay, Client, Client) {
     let r = start_relay().await;
-    let (s, hk) =
-        admin_call(&r, Method::POST, "/api/handshake-keys", Some(json!({"key":"group-default123"}))).await;
+    let (s, hk) = admin_call(&r, Method::POST, "/api/handshake-keys", Some(json!({"key":"group-default123"}))).await;
     assert_eq!(s, 201, "{hk}");
     assert_eq!(hk["key"], "group-default123");
 
@@ -34,8 +33,10 @@ async fn onboard() -> (TestRelay, Client, Client) {
     // "/ws GET Initial client handshake endpoint". The seed prints no handshake message; Tether's
     // is `register` (docs/protocol.md 3.3) carrying the config's name and handshakeKey.
     let mut hs = Client::connect(&r.ws_url("/ws"), None).await;
-    hs.send(json!({"type":"register","correlationID":"r1","payload":{"name":"Client-1","handshakeKey":"group-default123"}}))
-        .await;
+    hs.send(
+        json!({"type":"register","correlationID":"r1","payload":{"name":"Client-1","handshakeKey":"group-default123"}}),
+    )
+    .await;
     let pending = hs.recv().await;
     assert_eq!(pending["type"], "registration_pending", "{pending}");
     assert_eq!(pending["correlationID"], "r1");
@@ -190,7 +191,11 @@ async fn speed_test_on_request_and_the_generic_envelope() {
     // "It ... can perform tasks like speed tests when requested" ("speed_test_result" is one of
     // the envelope's example types). The seed prints no speed test message; Tether's shape is in
     // docs/protocol.md 4.17.
-    admin.send(json!({"type":"speed_test","correlationID":"st-1","clientID":"client-abc-123","payload":{"bytes":1000000}})).await;
+    admin
+        .send(
+            json!({"type":"speed_test","correlationID":"st-1","clientID":"client-abc-123","payload":{"bytes":1000000}}),
+        )
+        .await;
     let got = dev.recv_type("speed_test").await;
     assert_eq!(got["correlationID"], "st-1");
     dev.send(json!({"type":"speed_test_result","correlationID":"st-1","payload":{"uploadMbps":12.5,"downloadMbps":30.0,"rttMs":40.0}}))
