@@ -84,7 +84,7 @@ const RESULT_GRACE: Duration = Duration::from_secs(5);
 /// the configuration to edit it now, and a copy delivered hours later would be stale.
 const QUEUEABLE: &[&str] = &["execute_command", "update_client_config", "reload_config", "speed_test", "app_command"];
 /// Message types that are requests with a result (and so a deadline).
-const WITH_RESULT: &[&str] = &[
+pub(crate) const WITH_RESULT: &[&str] = &[
     "execute_command",
     "docker_command",
     "process_command",

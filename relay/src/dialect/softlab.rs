@@ -34,16 +34,8 @@ const LEASE_CORR: &str = "_softlab_lease:";
 /// Keys of a Softlab message the relay owns or that must never be forwarded.
 const RESERVED: &[&str] = &["target", "sender", "type", "correlationID", "_offline_queued", "auth_key", "device_token"];
 /// Native requests a commander may send by naming `type` (routed to `target`).
-const REQUESTS: &[&str] = &[
-    "execute_command",
-    "docker_command",
-    "process_command",
-    "update_client_config",
-    "reload_config",
-    "get_client_config",
-    "speed_test",
-    "app_command",
-];
+/// (The routed operator requests, as the native path lists them.)
+const REQUESTS: &[&str] = crate::conn::WITH_RESULT;
 /// Native device-scoped operations a commander may send by naming `type` (`deviceID` = `target`).
 const DEVICE_OPS: &[&str] = &["lease_acquire", "lease_release", "lease_heartbeat", "subscribe", "unsubscribe"];
 /// Native replies a worker (device) may send by naming `type`.
