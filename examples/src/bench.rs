@@ -6,10 +6,15 @@
 //! - `sfu`: one publisher at ~2 Mbit/s and 1, 10, 50 receivers through the relay's SFU; the
 //!   relay's CPU per forwarded packet, its memory, loss, latency and jitter at the receivers, and
 //!   the time from a receiver's offer to its first frame (`bench_sfu.rs`).
+//! - `telemetry`: the same telemetry workload (D devices x R Hz x P pilots each) against Tether,
+//!   nats-server and Mosquitto in one run: delivered messages/s, drops, latency, server CPU per
+//!   delivered message and peak RSS, side by side, and each one's saturation throughput
+//!   (`bench_telemetry.rs`).
 //!
 //! Run it against a release build: `cargo run --release -p tether-examples --bin tether-bench -- storm`.
 
 mod bench_sfu;
+mod bench_telemetry;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -49,6 +54,9 @@ enum Cmd {
     /// One publisher, N receivers through the relay's SFU: relay CPU per forwarded packet,
     /// memory, loss, latency, jitter and time to first frame.
     Sfu(bench_sfu::SfuArgs),
+    /// The same telemetry workload against Tether, nats-server and Mosquitto: delivered msgs/s,
+    /// drops, latency, server CPU per message, peak RSS, saturation throughput.
+    Telemetry(bench_telemetry::TelemetryArgs),
 }
 
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
@@ -243,5 +251,7 @@ fn main() -> anyhow::Result<()> {
         }
         // Builds its own runtime, after pinning the process to its core.
         Cmd::Sfu(args) => bench_sfu::main(args),
+        // Pins itself to core 1 and builds a current-thread runtime.
+        Cmd::Telemetry(args) => bench_telemetry::main(args),
     }
 }
