@@ -10,10 +10,12 @@ cd "$(dirname "$0")/.."
 # pages render text.
 # Video: GStreamer's development files and the plugins for capture, encoding and RTP.
 # Python client (examples/python, tested by relay/tests/python_client.rs): websockets 10.x.
+# Benchmarks (`tether-bench telemetry`, `make bench`): the brokers Tether is compared with, and
+# taskset (util-linux) to pin server and load generator to their cores.
 PACKAGES=(build-essential pkg-config curl chromium firefox-esr fonts-dejavu-core
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-tools gstreamer1.0-x
-  python3-websockets)
+  python3-websockets nats-server mosquitto util-linux)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
