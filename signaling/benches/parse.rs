@@ -13,13 +13,14 @@
 //! - `simd_json/tape`: simd-json's borrowed value (no serde), fields read from it, the payload
 //!   re-encoded by simd-json and the annotation spliced in.
 //!
-//! Run: `cargo bench -p tether-signaling --bench parse`.
+//! Run: `cargo bench -p tether-signaling --bench parse` (docs/benchmarks.md).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use signaling::Envelope;
 use signaling::message::{self, Body, Frame, TelemetryAnnotation};
 use simd_json::prelude::*;
 use std::hint::black_box;
+use std::time::Duration;
 
 const TELEMETRY: &str = r#"{"type":"telemetry","payload":{"subtype":"sensor_data","sequence":123456,"timestamp":1732262400123,"system_time":1732262400125,"epoch":"9f2c41aa","data":{"gps":{"latitude":37.808123,"longitude":-122.417745,"heading":225.5,"speed":2.31},"battery":{"percent":81.5,"voltage":12.3},"status":"autonomous_navigation","water":{"temperature":14.2,"salinity":33.1}}}}"#;
 const COMMAND: &str = r#"{"type":"execute_command","correlationID":"cmd-xyz123","clientID":"client-abc-123","payload":{"command":"ls","args":["-l","/home/user"],"timeoutMs":5000}}"#;
@@ -110,7 +111,9 @@ fn command(c: &mut Criterion) {
 }
 
 fn sequence(c: &mut Criterion) {
-    c.bench_function("sequence_tracker/observe_in_order", |b| {
+    let mut g = c.benchmark_group("sequence_tracker");
+    // One stream, every frame one more than the last: `Ok`, the common case.
+    g.bench_function("observe_in_order", |b| {
         let mut t = signaling::SequenceTracker::<String>::default();
         let mut seq = 0u64;
         b.iter(|| {
@@ -118,7 +121,47 @@ fn sequence(c: &mut Criterion) {
             black_box(t.observe_ref("sensor_data", seq, Some("e"), false))
         })
     });
+    // Every frame two ahead of the last (1, 3, 5, ...): `Gap { missing: 1 }` each time, which
+    // also clears the skipped number's slot in the window.
+    g.bench_function("observe_gap", |b| {
+        let mut t = signaling::SequenceTracker::<String>::default();
+        let mut seq = 0u64;
+        b.iter(|| {
+            seq += 2;
+            black_box(t.observe_ref("sensor_data", seq, Some("e"), false))
+        })
+    });
+    // Pairs swapped on the way (2, 1, 4, 3, ...): a `Gap` then the `Reordered` frame filling it.
+    // One iteration is one frame, alternating between the two verdicts.
+    g.bench_function("observe_out_of_order", |b| {
+        let mut t = signaling::SequenceTracker::<String>::default();
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            let seq = if n % 2 == 1 { n + 1 } else { n - 1 };
+            black_box(t.observe_ref("sensor_data", seq, Some("e"), false))
+        })
+    });
+    // 64 streams on one device, frames arriving round-robin, each in order on its stream: the
+    // lookup is a hash of the stream name in a map of 64.
+    g.bench_function("observe_64_streams", |b| {
+        let names: Vec<String> = (0..64).map(|i| format!("stream_{i:02}")).collect();
+        let mut t = signaling::SequenceTracker::<String>::default();
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            let name = names[(n % 64) as usize].as_str();
+            black_box(t.observe_ref(name, n / 64 + 1, Some("e"), false))
+        })
+    });
+    g.finish();
 }
 
-criterion_group!(benches, telemetry, command, sequence);
+criterion_group! {
+    name = benches;
+    // Short by default (about 40 s for the whole file); pass `--warm-up-time` and
+    // `--measurement-time` for longer runs.
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = telemetry, command, sequence
+}
 criterion_main!(benches);
