@@ -70,7 +70,7 @@ async fn agent_publishes_with_clock_sync_and_survives_a_relay_restart() {
     let running = start(dir.path(), addr.port()).await;
     let mut p = pilot(addr, &key).await;
     let after = frame(&mut p).await;
-    assert!(after["payload"]["sequence"].as_u64().unwrap() > last_seq);
+    assert!(after["payload"]["sequence"].as_u64().unwrap() > last_seq, "{after} after {last_seq}");
     assert_eq!(after["payload"]["epoch"], first["payload"]["epoch"]);
     assert_eq!(after["payload"]["relay"]["verdict"], "ok", "no gap: frames are only produced while connected");
     assert!(agent.try_wait().unwrap().is_none(), "the agent is still running");
@@ -103,20 +103,12 @@ async fn check_subcommand_reports_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, "serverAddress: \"http://relay/ws\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(common::agent_bin()).args(["check", "--config"]).arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("serverAddress") && err.contains("scheme"), "{err}");
     std::fs::write(&path, "serverAddress: \"ws://relay:8000/ws\"\nclientID: a\nclientSecret: b\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(common::agent_bin()).args(["check", "--config"]).arg(&path).output().unwrap();
     assert!(out.status.success());
 }
 
@@ -253,7 +245,7 @@ async fn the_agent_gives_up_after_max_reconnect_attempts() {
     assert!(err.contains("gave up after 3 failed connection attempts"), "{err}");
     assert_eq!(err.matches("reconnecting in").count(), 2, "three attempts, two waits: {err}");
     // A bad value in the environment is a configuration error.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-device"))
+    let out = std::process::Command::new(common::agent_bin())
         .arg("--config")
         .arg(&path)
         .env("RECONNECT_INTERVAL", "soon")

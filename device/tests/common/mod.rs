@@ -19,9 +19,15 @@ pub const ADMIN: &str = "tk_admin_0123456789abcdef";
 /// A pilot's WebSocket.
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// The real agent binary, run with `config`.
+/// The real agent binary: this package's build, or the binary named by `TETHER_AGENT_BIN` (to
+/// run the tests against another build of the agent, e.g. the `release-small` one that ships).
+pub fn agent_bin() -> std::ffi::OsString {
+    std::env::var_os("TETHER_AGENT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_tether-device").into())
+}
+
+/// The real agent binary ([`agent_bin`]), run with `config`.
 pub fn agent_cmd(config: &std::path::Path) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether-device"));
+    let mut c = tokio::process::Command::new(agent_bin());
     c.arg("--config").arg(config);
     c
 }
