@@ -30,7 +30,12 @@ trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WO
 strip -o "$WORK/tether-device" "$AGENT_BIN"
 size=$(stat -c %s "$WORK/tether-device")
 echo "profile:              $PROFILE, video feature: $VIDEO"
-echo "agent binary:         $(stat -c %s "$AGENT_BIN") bytes unstripped"
+unstripped=$(stat -c %s "$AGENT_BIN")
+if [[ $unstripped == "$(stat -c %s "$WORK/tether-device")" ]]; then
+  echo "agent binary:         already stripped by the profile (CARGO_PROFILE_RELEASE_SMALL_STRIP=false keeps symbols)"
+else
+  echo "agent binary:         $unstripped bytes unstripped"
+fi
 echo "agent binary:         $size bytes stripped ($(awk "BEGIN{printf \"%.2f\", $size/1048576}") MiB)"
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
