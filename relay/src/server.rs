@@ -89,9 +89,14 @@ pub fn bootstrap(store: &Store, admin_key: Option<&str>) -> Result<Option<Bootst
 
 /// Binds with a deep accept backlog: after a relay restart thousands of devices connect at
 /// once, and tokio's default backlog (1024) would make the rest wait for SYN retransmits.
+///
+/// `TCP_NODELAY` is set on the listening socket, and Linux passes it on to every accepted one:
+/// the writer task already batches what is queued into one write, so Nagle's algorithm could
+/// only hold a small frame back until the peer's (possibly delayed) ACK.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
 }

@@ -73,6 +73,8 @@ pub async fn serve(
                 }
             },
         };
+        // Inherited from the listener on Linux; set again for other systems.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let svc = warp::service(filter.clone());
         let watcher = graceful.watcher();

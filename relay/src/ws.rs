@@ -39,8 +39,10 @@ pub fn socket_config(max_message_size: usize) -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
     // Small read chunks: idle sockets stay small; busy ones still read 4 KiB per syscall.
     c.read_buffer_size = 4096;
-    // Write each message out as soon as it is flushed rather than batching 128 KiB.
-    c.write_buffer_size = 0;
+    // The writer task feeds a batch of queued messages (up to 64) and then flushes once, so a
+    // busy pilot's frames leave in one write instead of one syscall each. tungstenite writes
+    // out early only if a batch outgrows this; idle sockets keep an empty buffer.
+    c.write_buffer_size = 64 * 1024;
     c.max_write_buffer_size = 4 << 20;
     c.max_message_size = Some(hard_cap);
     c.max_frame_size = Some(hard_cap);
