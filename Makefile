@@ -21,12 +21,14 @@ test: deps
 build:
 	$(CARGO) build --release --locked -p tether-relay -p tether-device
 
-## Benchmarks: criterion micro-benchmarks, then the reconnect storm and SFU forwarding (release build).
+## Benchmarks: criterion micro-benchmarks, then the reconnect storm, SFU forwarding and idle
+## connections against nats-server and Mosquitto (release build).
 bench:
 	$(CARGO) bench -p tether-signaling --bench parse
 	$(CARGO) build --release --locked -p tether-relay -p tether-examples --bin tether-bench --bin tether-relay
 	target/release/tether-bench storm --devices 10000
 	target/release/tether-bench sfu --receivers 1,10,50 --seconds 20 --bitrate-kbps 2000
+	target/release/tether-bench idle --counts 5000,10000,15000
 
 fmt:
 	$(CARGO) fmt --all
