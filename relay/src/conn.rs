@@ -153,7 +153,11 @@ pub async fn serve(relay: Arc<Relay>, socket: Socket, endpoint: Endpoint, peer: 
     let peer_ip = peer.map(|p| p.ip().to_string());
 
     let admitted = tokio::select! {
-        r = authenticate(&relay, &mut stream, &outbox, endpoint, peer_ip.as_deref()) => r,
+        // Boxed, like every large future a connection awaits once or now and then: a spawned
+        // task is allocated at the size of its largest state, and an idle connection should
+        // only pay for waiting (`Session::run`'s loop), not for authentication or message
+        // handling it is not doing (about 4 KiB per connection otherwise).
+        r = Box::pin(authenticate(&relay, &mut stream, &outbox, endpoint, peer_ip.as_deref())) => r,
         _ = relay.shutdown.cancelled() => {
             outbox.close(1001, "relay shutting down");
             None
@@ -519,7 +523,7 @@ impl Session {
             self.link = Some(link);
             ops::announce_presence(&relay, &id.id, true, now);
             self.push("lease_state", relay.leases.state(&id.id, "current"));
-            self.deliver_queued().await;
+            Box::pin(self.deliver_queued()).await;
         }
         if let Some(codec) = self.codec.clone() {
             for text in codec.after_auth(self.me()) {
@@ -778,7 +782,8 @@ impl Session {
             Frame::Message { envelope, payload } => {
                 let ty = envelope.body.type_name();
                 self.relay.metrics.count_in(type_index(ty), text.len());
-                self.on_envelope(envelope, payload).await;
+                // Boxed (see `serve`): telemetry, above, stays allocation-free.
+                Box::pin(self.on_envelope(envelope, payload)).await;
             }
         }
     }
@@ -1522,7 +1527,9 @@ async fn write_loop(
                 break;
             }
             first => {
-                tokio::time::timeout(stall, write_batch(&relay, &mut sink, &outbox, first, codec.as_deref())).await
+                // Boxed: the writer of an idle connection only holds its wait (see `serve`).
+                tokio::time::timeout(stall, Box::pin(write_batch(&relay, &mut sink, &outbox, first, codec.as_deref())))
+                    .await
             }
         };
         if !matches!(result, Ok(Ok(()))) {
