@@ -24,7 +24,8 @@ build:
 	$(CARGO) build --profile release-small --locked -p tether-device
 
 ## Benchmarks (docs/benchmarks.md): criterion micro-benchmarks, then telemetry side by side with
-## nats-server and Mosquitto, SFU forwarding, the reconnect storm, and the agent's footprint.
+## nats-server and Mosquitto, idle connections (5k/10k/15k) against both, SFU forwarding, the
+## reconnect storm, and the agent's footprint.
 ## Release builds; servers and load generators are pinned to different cores.
 BENCH_QUICK = -- --warm-up-time 1 --measurement-time 3
 bench: deps
@@ -34,6 +35,7 @@ bench: deps
 	$(CARGO) build --release --locked -p tether-relay -p tether-examples --bin tether-bench --bin tether-relay
 	target/release/tether-bench telemetry --devices 200 --rate 20 --pilots 3 --seconds 20 --rounds 2 --saturation
 	target/release/tether-bench sfu --receivers 1,10,50 --seconds 20 --bitrate-kbps 2000
+	target/release/tether-bench idle --counts 5000,10000,15000
 	target/release/tether-bench storm --devices 10000
 	bash examples/scripts/agent-footprint.sh
 

@@ -13,6 +13,7 @@
 //!
 //! Run it against a release build: `cargo run --release -p tether-examples --bin tether-bench -- storm`.
 
+mod bench_idle;
 mod bench_sfu;
 mod bench_telemetry;
 
@@ -57,6 +58,12 @@ enum Cmd {
     /// The same telemetry workload against Tether, nats-server and Mosquitto: delivered msgs/s,
     /// drops, latency, server CPU per message, peak RSS, saturation throughput.
     Telemetry(bench_telemetry::TelemetryArgs),
+    /// N idle, authenticated device connections (5k, 10k, 15k) held against the relay,
+    /// nats-server and Mosquitto: RSS per connection and the CPU their heartbeats cost.
+    Idle(bench_idle::IdleArgs),
+    /// One client process of `idle` (started by it).
+    #[command(hide = true)]
+    IdleWorker(bench_idle::WorkerArgs),
 }
 
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
@@ -73,28 +80,36 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     Ok(line.split_whitespace().nth(1).context("bad VmRSS")?.parse()?)
 }
 
-/// Creates the devices once; later runs reuse the database and the saved secrets.
+/// Creates the devices once; later runs reuse the database and the saved secrets, and a run
+/// that needs more devices adds only the missing ones.
 fn provision(dir: &Path, n: usize) -> anyhow::Result<Vec<(String, String)>> {
     let secrets_file = dir.join("secrets.txt");
-    if let Ok(text) = std::fs::read_to_string(&secrets_file) {
-        let creds: Vec<(String, String)> =
-            text.lines().filter_map(|l| l.split_once(' ')).map(|(a, b)| (a.to_owned(), b.to_owned())).collect();
-        if creds.len() >= n {
-            return Ok(creds.into_iter().take(n).collect());
+    let db = dir.join("tether.db");
+    let mut creds: Vec<(String, String)> = match std::fs::read_to_string(&secrets_file) {
+        Ok(text) if db.exists() => {
+            text.lines().filter_map(|l| l.split_once(' ')).map(|(a, b)| (a.to_owned(), b.to_owned())).collect()
         }
+        _ => Vec::new(),
+    };
+    if creds.len() >= n {
+        creds.truncate(n);
+        return Ok(creds);
     }
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
-    let store = relay::store::Store::open(&dir.join("tether.db"))?;
+    if creds.is_empty() {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+    }
+    let store = relay::store::Store::open(&db)?;
     relay::server::bootstrap(&store, Some("tk_bench_0123456789abcdef"))?;
-    eprintln!("provisioning {n} devices (bcrypt cost {}, once)...", relay::auth::MACHINE_SECRET_COST);
-    let creds: Vec<(String, String)> =
-        (0..n).map(|i| (format!("storm-{i:05}"), relay::auth::new_device_secret())).collect();
+    let have = creds.len();
+    eprintln!("provisioning {} devices (bcrypt cost {}, once)...", n - have, relay::auth::MACHINE_SECRET_COST);
+    let new: Vec<(String, String)> =
+        (have..n).map(|i| (format!("storm-{i:05}"), relay::auth::new_device_secret())).collect();
     // Hash on every core.
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    let chunk = n.div_ceil(threads);
+    let chunk = new.len().div_ceil(threads);
     let hashes: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = creds
+        let handles: Vec<_> = new
             .chunks(chunk)
             .map(|part| {
                 s.spawn(move || {
@@ -108,12 +123,13 @@ fn provision(dir: &Path, n: usize) -> anyhow::Result<Vec<(String, String)>> {
     });
     store.call_sync(|c| {
         let tx = c.transaction()?;
-        for ((id, _), hash) in creds.iter().zip(&hashes) {
+        for ((id, _), hash) in new.iter().zip(&hashes) {
             relay::store::q::create_device(&tx, id, "default", id, hash)?;
         }
         tx.commit()?;
         Ok(())
     })?;
+    creds.extend(new);
     let text: String = creds.iter().map(|(a, b)| format!("{a} {b}\n")).collect();
     std::fs::write(&secrets_file, text)?;
     Ok(creds)
@@ -253,5 +269,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Sfu(args) => bench_sfu::main(args),
         // Pins itself to core 1 and builds a current-thread runtime.
         Cmd::Telemetry(args) => bench_telemetry::main(args),
+        Cmd::Idle(args) => bench_idle::main(args),
+        Cmd::IdleWorker(args) => bench_idle::worker_main(args),
     }
 }

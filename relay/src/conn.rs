@@ -47,6 +47,9 @@ use crate::store::now_ms;
 use crate::store::q::{self, EnqueueOutcome};
 use crate::ws::Socket;
 
+/// A boxed message handler (see [`Session::on_text`]).
+type BoxFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 /// Which endpoint the socket came in on, with the credentials offered in the HTTP request.
 #[derive(Debug, Clone)]
 pub enum Endpoint {
@@ -153,7 +156,11 @@ pub async fn serve(relay: Arc<Relay>, socket: Socket, endpoint: Endpoint, peer: 
     let peer_ip = peer.map(|p| p.ip().to_string());
 
     let admitted = tokio::select! {
-        r = authenticate(&relay, &mut stream, &outbox, endpoint, peer_ip.as_deref()) => r,
+        // Boxed, like every large future a connection awaits once or now and then: a spawned
+        // task is allocated at the size of its largest state, and an idle connection should
+        // only pay for waiting (`Session::run`'s loop), not for authentication or message
+        // handling it is not doing (about 4 KiB per connection otherwise).
+        r = Box::pin(authenticate(&relay, &mut stream, &outbox, endpoint, peer_ip.as_deref())) => r,
         _ = relay.shutdown.cancelled() => {
             outbox.close(1001, "relay shutting down");
             None
@@ -519,11 +526,14 @@ impl Session {
             self.link = Some(link);
             ops::announce_presence(&relay, &id.id, true, now);
             self.push("lease_state", relay.leases.state(&id.id, "current"));
-            self.deliver_queued().await;
+            Box::pin(self.deliver_queued()).await;
         }
         if let Some(codec) = self.codec.clone() {
             for text in codec.after_auth(self.me()) {
-                self.on_text(&Utf8Bytes::from(text)).await;
+                let text = Utf8Bytes::from(text);
+                if let Some(handling) = self.on_text(&text) {
+                    handling.await;
+                }
             }
         }
         let idle = relay.config.idle_timeout();
@@ -699,7 +709,11 @@ impl Session {
                 }
                 match self.codec.clone() {
                     Some(codec) => self.on_dialect(&*codec, &t).await,
-                    None => self.on_text(&t).await,
+                    None => {
+                        if let Some(handling) = self.on_text(&t) {
+                            handling.await;
+                        }
+                    }
                 }
                 true
             }
@@ -746,7 +760,10 @@ impl Session {
         match codec.inbound(text.as_str()) {
             crate::dialect::Inbound::Native(msgs) => {
                 for m in msgs {
-                    self.on_text(&Utf8Bytes::from(m)).await;
+                    let m = Utf8Bytes::from(m);
+                    if let Some(handling) = self.on_text(&m) {
+                        handling.await;
+                    }
                 }
             }
             crate::dialect::Inbound::Refuse(code, msg, corr) => {
@@ -756,14 +773,19 @@ impl Session {
         }
     }
 
-    async fn on_text(&mut self, text: &Utf8Bytes) {
+    /// Handles one native text frame: telemetry at once, any other message through the
+    /// future this returns, boxed (see `serve`). Not an `async fn` on purpose: the decoded frame
+    /// would then stay in the connection task's state for its whole life, which an idle device
+    /// pays for; this way the caller holds only the box while a message is handled, and
+    /// telemetry allocates nothing.
+    fn on_text<'a>(&'a mut self, text: &'a Utf8Bytes) -> Option<BoxFuture<'a>> {
         let frame = match message::decode_frame(text.as_str()) {
             Ok(f) => f,
             Err(e) => {
                 self.relay.metrics.count_in(type_index("other"), text.len());
                 let msg = e.to_string();
                 self.error(e.code(), msg, e.correlation_id);
-                return;
+                return None;
             }
         };
         match frame {
@@ -771,14 +793,15 @@ impl Session {
                 self.relay.metrics.count_in(type_index("telemetry"), text.len());
                 if !self.is_device() {
                     self.error(ErrorCode::NotAllowed, "only devices publish telemetry", correlation_id);
-                    return;
+                    return None;
                 }
                 self.on_telemetry(&header, payload);
+                None
             }
             Frame::Message { envelope, payload } => {
                 let ty = envelope.body.type_name();
                 self.relay.metrics.count_in(type_index(ty), text.len());
-                self.on_envelope(envelope, payload).await;
+                Some(Box::pin(self.on_envelope(envelope, payload)))
             }
         }
     }
@@ -1522,7 +1545,9 @@ async fn write_loop(
                 break;
             }
             first => {
-                tokio::time::timeout(stall, write_batch(&relay, &mut sink, &outbox, first, codec.as_deref())).await
+                // Boxed: the writer of an idle connection only holds its wait (see `serve`).
+                tokio::time::timeout(stall, Box::pin(write_batch(&relay, &mut sink, &outbox, first, codec.as_deref())))
+                    .await
             }
         };
         if !matches!(result, Ok(Ok(()))) {
