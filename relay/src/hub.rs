@@ -208,6 +208,12 @@ impl LocalHub {
         }
     }
 
+    /// The device's channel if it has one: paths that only read subscribers do not create one
+    /// (an idle device that nobody watches should not carry an empty channel).
+    fn existing_channel(&self, device: &str) -> Option<Arc<Mutex<Channel>>> {
+        self.channels.lock().get(device).cloned()
+    }
+
     fn channel(&self, device: &str) -> Arc<Mutex<Channel>> {
         let mut map = self.channels.lock();
         if let Some(c) = map.get(device) {
@@ -388,7 +394,9 @@ impl Hub for LocalHub {
     }
 
     fn notify_subscribers(&self, device: &str, text: Utf8Bytes) {
-        let channel = self.channel(device);
+        let Some(channel) = self.existing_channel(device) else {
+            return;
+        };
         let ch = channel.lock();
         for sub in ch.subscribers.values() {
             let _ = sub.outbox.push_control(text.clone());
