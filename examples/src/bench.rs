@@ -14,6 +14,7 @@
 //! Run it against a release build: `cargo run --release -p tether-examples --bin tether-bench -- storm`.
 
 mod bench_idle;
+mod bench_proc;
 mod bench_sfu;
 mod bench_telemetry;
 
@@ -66,18 +67,13 @@ enum Cmd {
     IdleWorker(bench_idle::WorkerArgs),
 }
 
+/// utime + stime of a process, seconds.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("bad /proc stat")?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
+    bench_proc::cpu_seconds(&pid.to_string())
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).context("bad VmRSS")?.parse()?)
+    bench_proc::status_kib(pid, "VmRSS:")
 }
 
 /// Creates the devices once; later runs reuse the database and the saved secrets, and a run

@@ -243,17 +243,8 @@ async fn start_server(args: &IdleArgs, kind: Server, pin: bool) -> anyhow::Resul
             }
             let mut child = cmd.spawn().with_context(|| format!("starting {}", args.relay_bin.display()))?;
             let pid = child.id().context("relay pid")?;
-            let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-            let addr = tokio::time::timeout(Duration::from_secs(30), async {
-                while let Some(line) = lines.next_line().await? {
-                    if let Some(addr) = line.strip_prefix("tether-relay listening on http://") {
-                        return Ok::<_, anyhow::Error>(addr.to_owned());
-                    }
-                }
-                bail!("the relay exited without listening (see {})", args.work_dir.join("relay.log").display())
-            })
-            .await
-            .context("the relay did not start within 30 s")??;
+            let (addr, mut lines) =
+                crate::bench_proc::relay_listen_addr(&mut child, &args.work_dir.join("relay.log")).await?;
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
             Ok(ServerProc { kind, child, pid, addr })
         }

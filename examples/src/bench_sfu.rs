@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::bench_proc::{cpu_seconds, have_taskset, parse_stat, status_kib};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -34,7 +35,7 @@ use media::rtc::{Candidate, PeerEvent, PeerSettings, VideoCodec, VideoSender};
 use media::viewer::{NewViewer, OfferedCodec, Viewer, ViewerOptions};
 use rtc::rtp;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
+
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
@@ -120,26 +121,6 @@ fn now_ns() -> u64 {
     clock().elapsed().as_nanos() as u64
 }
 
-fn clk_tck() -> f64 {
-    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
-        Ok(Some(t)) if t > 0 => t as f64,
-        _ => 100.0,
-    }
-}
-
-/// utime + stime of a /proc stat line, in seconds; and the name in parentheses.
-fn parse_stat(stat: &str) -> anyhow::Result<(String, f64)> {
-    let (head, after) = stat.rsplit_once(')').context("bad /proc stat")?;
-    let name = head.split_once('(').map(|(_, n)| n.to_owned()).unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok((name, ticks / clk_tck()))
-}
-
-fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
-    Ok(parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)?.1)
-}
-
 /// This process's CPU seconds: all threads, and the publisher's thread alone.
 fn own_cpu() -> anyhow::Result<(f64, f64)> {
     let total = cpu_seconds("self")?;
@@ -152,21 +133,6 @@ fn own_cpu() -> anyhow::Result<(f64, f64)> {
         }
     }
     Ok((total, publisher))
-}
-
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field}"))?;
-    Ok(line.split_whitespace().nth(1).context("bad /proc status line")?.parse()?)
-}
-
-fn have_taskset() -> bool {
-    std::process::Command::new("taskset")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -215,17 +181,7 @@ async fn spawn_relay(args: &SfuArgs, dir: &Path, taskset: bool) -> anyhow::Resul
     let mut child = cmd.spawn().with_context(|| format!("starting {}", args.relay_bin.display()))?;
     // taskset execs the relay: same pid.
     let pid = child.id().context("relay pid")?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(addr) = line.strip_prefix("tether-relay listening on http://") {
-                return Ok::<_, anyhow::Error>(addr.to_owned());
-            }
-        }
-        bail!("the relay exited without listening (see {})", dir.join("relay.log").display())
-    })
-    .await
-    .context("the relay did not start within 30 s")??;
+    let (addr, mut lines) = crate::bench_proc::relay_listen_addr(&mut child, &dir.join("relay.log")).await?;
     // Keep draining stdout so the relay never blocks on it.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     if !taskset && !args.no_pin {

@@ -35,13 +35,14 @@ use std::rc::Rc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::bench_proc::{cpu_seconds, have_taskset, status_kib};
 use anyhow::{Context, bail};
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use memchr::memmem;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Connect, Packet, Publish, Subscribe};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
@@ -177,39 +178,8 @@ fn wall_ms() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
 }
 
-fn clk_tck() -> f64 {
-    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
-        Ok(Some(t)) if t > 0 => t as f64,
-        _ => 100.0,
-    }
-}
-
-/// utime + stime of a process (all its threads, live and exited), seconds.
-fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("bad /proc stat")?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / clk_tck())
-}
-
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field}"))?;
-    Ok(line.split_whitespace().nth(1).context("bad /proc status line")?.parse()?)
-}
-
 fn thread_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
-}
-
-fn have_taskset() -> bool {
-    std::process::Command::new("taskset")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -1110,17 +1080,7 @@ async fn start_server(
             cmd.arg("--data-dir").arg(dir).args(relay_flags()).env_remove("PORT").stdout(Stdio::piped()).stderr(log);
             let mut child = cmd.spawn().with_context(|| format!("starting {}", args.relay_bin.display()))?;
             let pid = child.id().context("relay pid")?;
-            let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-            let addr = tokio::time::timeout(Duration::from_secs(30), async {
-                while let Some(line) = lines.next_line().await? {
-                    if let Some(addr) = line.strip_prefix("tether-relay listening on http://") {
-                        return Ok::<_, anyhow::Error>(addr.to_owned());
-                    }
-                }
-                bail!("the relay exited without listening (see {})", log_path.display())
-            })
-            .await
-            .context("the relay did not start within 30 s")??;
+            let (addr, mut lines) = crate::bench_proc::relay_listen_addr(&mut child, &log_path).await?;
             tokio::task::spawn_local(async move { while let Ok(Some(_)) = lines.next_line().await {} });
             Ok(ServerProc { kind, child, pid, addr, dir: dir.to_owned() })
         }
