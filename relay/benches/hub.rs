@@ -150,17 +150,7 @@ fn on_telemetry(hub: &LocalHub, state: &Mutex<DeviceTelemetry>, clock: &relay::R
         st.health.verdict(v, stream, now);
         (v, c, st.clock.estimate(now))
     };
-    let annotation = TelemetryAnnotation {
-        received_at: now,
-        stream: stream.to_owned(),
-        verdict: verdict.as_str().to_owned(),
-        missing: verdict.missing(),
-        lost_total: counters.lost,
-        age_ms: estimate.map(|e| now - e.device_to_relay(header.timestamp)),
-        clock_offset_ms: estimate.map(|e| e.offset_ms),
-        clock_uncertainty_ms: estimate.map(|e| e.uncertainty_ms),
-        replay: false,
-    };
+    let annotation = TelemetryAnnotation::live(now, stream, verdict, counters, estimate, header.timestamp);
     let text = message::encode_forwarded_telemetry(DEVICE, payload, &annotation);
     hub.publish_telemetry(DEVICE, Utf8Bytes::from(text))
 }

@@ -840,17 +840,7 @@ impl Session {
             }
             signaling::Verdict::Ok => {}
         }
-        let annotation = TelemetryAnnotation {
-            received_at: now,
-            stream: stream.to_owned(),
-            verdict: verdict.as_str().to_owned(),
-            missing: verdict.missing(),
-            lost_total: counters.lost,
-            age_ms: estimate.map(|e| now - e.device_to_relay(header.timestamp)),
-            clock_offset_ms: estimate.map(|e| e.offset_ms),
-            clock_uncertainty_ms: estimate.map(|e| e.uncertainty_ms),
-            replay: false,
-        };
+        let annotation = TelemetryAnnotation::live(now, stream, verdict, counters, estimate, header.timestamp);
         let text = message::encode_forwarded_telemetry(device, payload, &annotation);
         let fan = relay.hub.publish_telemetry(device, Utf8Bytes::from(text));
         m.telemetry_delivered.fetch_add(fan.delivered as u64, Relaxed);

@@ -501,6 +501,32 @@ pub struct TelemetryAnnotation {
     pub replay: bool,
 }
 
+impl TelemetryAnnotation {
+    /// The annotation of a live frame that arrived at `received_at` (relay ms) on `stream`,
+    /// stamped `device_timestamp` by the device: the sequence tracker's verdict and counters, and
+    /// the clock estimate if there is one yet (no estimate, no age).
+    pub fn live(
+        received_at: f64,
+        stream: &str,
+        verdict: crate::Verdict,
+        counters: crate::SequenceCounters,
+        estimate: Option<crate::ClockEstimate>,
+        device_timestamp: f64,
+    ) -> Self {
+        TelemetryAnnotation {
+            received_at,
+            stream: stream.to_owned(),
+            verdict: verdict.as_str().to_owned(),
+            missing: verdict.missing(),
+            lost_total: counters.lost,
+            age_ms: estimate.map(|e| received_at - e.device_to_relay(device_timestamp)),
+            clock_offset_ms: estimate.map(|e| e.offset_ms),
+            clock_uncertainty_ms: estimate.map(|e| e.uncertainty_ms),
+            replay: false,
+        }
+    }
+}
+
 /// `telemetry_dropped` payload.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TelemetryDropped {
