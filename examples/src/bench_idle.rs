@@ -486,6 +486,7 @@ async fn run_group(args: &IdleArgs, kinds: &[Server], n: usize, pin: bool) -> an
     for &k in kinds {
         servers.push(start_server(args, k, pin).await?);
     }
+    // The baseline is read after the servers' start-up allocations have settled.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before: Vec<u64> = servers.iter().map(|s| rss_kib(s.pid)).collect::<anyhow::Result<_>>()?;
     eprintln!("N = {n}: connecting to {}", kinds.iter().map(|k| k.label()).collect::<Vec<_>>().join(", "));
@@ -567,11 +568,10 @@ async fn run_group(args: &IdleArgs, kinds: &[Server], n: usize, pin: bool) -> an
             }
         }
     }
+    // `kill` waits for the server to exit, so its sockets are closed before the next run.
     for mut s in servers {
         let _ = s.child.kill().await;
     }
-    // Let the kernel reap the closed sockets before the next run.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(rows)
 }
 
